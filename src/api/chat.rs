@@ -1,0 +1,515 @@
+//! `POST /v1/chat/completions`: validate, insert the job, then wait for it (sync), answer
+//! 202 (async), or stream its chunks (SSE).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Extension;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::Stream;
+use serde_json::Value;
+
+use super::error::ApiError;
+use super::{AppState, Caller, render, validate};
+use crate::queue::{Inserted, Job, JobStatus, NewJob, PRIORITY_INTERACTIVE};
+use crate::worker::StreamEvent;
+use crate::worker::policy::first_available;
+
+/// How long a job accepted with `x-orch-async` may wait for a cool-down to end.
+const ASYNC_DEADLINE: Duration = Duration::from_secs(24 * 3600);
+/// How often a waiting handler re-reads its job in case a wake-up was missed.
+const SAFETY_POLL: Duration = Duration::from_secs(2);
+
+pub fn new_job_id() -> String {
+    format!("job_{}", uuid::Uuid::now_v7().simple())
+}
+
+/// Reads a body up to `limit` bytes, with the OpenAI-shaped 413 past it.
+pub async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+) -> Result<axum::body::Bytes, ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::too_large(limit));
+    }
+    axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| ApiError::too_large(limit))
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+}
+
+pub async fn chat_completions(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    match accept(&app, &caller, &headers, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn accept(
+    app: &AppState,
+    caller: &Caller,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let received = Instant::now();
+    let shared = &app.shared;
+    let settings = &shared.settings;
+    let bytes = read_body(body, headers, settings.max_body_bytes).await?;
+    let mut req = validate::chat_request(&bytes)?;
+    validate::apply_defaults(&mut req, &app.router.config().defaults);
+
+    let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let run_async = header_str(headers, "x-orch-async")
+        .is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
+    if stream && run_async {
+        return Err(ApiError::invalid(
+            "`stream: true` cannot be combined with `x-orch-async: true`",
+            Some("stream"),
+        ));
+    }
+    let task_header = header_str(headers, &app.router.config().defaults.task_header);
+    let model = req.get("model").and_then(Value::as_str);
+    let sticky_key = header_str(headers, "x-orch-sticky-key");
+    let (route, chain) = app.router.plan(task_header, model, sticky_key);
+
+    if shared.telemetry.queued() >= settings.max_queue_depth as i64 {
+        return Err(ApiError::rate_limited(
+            format!(
+                "the queue is full ({} jobs waiting); retry later",
+                settings.max_queue_depth
+            ),
+            1,
+        ));
+    }
+    let now = chrono::Utc::now().timestamp_millis();
+    let wait = if run_async {
+        ASYNC_DEADLINE
+    } else {
+        settings.request_timeout
+    };
+    let deadline = now + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 4);
+    let (hop, available_at) = first_available(&chain, &shared.availability.snapshot(), now);
+    if available_at > deadline {
+        let secs = u64::try_from((available_at - now + 999) / 1000).unwrap_or(0);
+        return Err(ApiError::rate_limited(
+            format!(
+                "every provider of route {} is cooling down past this request's deadline",
+                route.name
+            ),
+            secs,
+        ));
+    }
+
+    let id = new_job_id();
+    let new = NewJob {
+        id: id.clone(),
+        task: route.name.clone(),
+        hop,
+        request: serde_json::to_string(&req).map_err(|e| ApiError::internal(e.to_string()))?,
+        stream,
+        priority: PRIORITY_INTERACTIVE,
+        caller: caller.0.clone(),
+        idempotency_key: header_str(headers, "idempotency-key").map(str::to_string),
+        pinned_instance: stream.then(|| settings.instance_id.clone()),
+        created_at: now,
+        deadline_at: deadline,
+        batch_id: None,
+        custom_id: None,
+        chain,
+    };
+
+    // Register before inserting so that no finish can slip between insert and wait.
+    let mut watch = shared.signals.watch_job(&id);
+    let stream_rx = stream.then(|| shared.streams.open(&id));
+    let job_id = match shared.store.insert_job(&new).await {
+        Ok(Inserted::New) => {
+            shared.telemetry.accepted(1);
+            shared.signals.wake_pool(&new.chain[hop]);
+            tracing::debug!(job_id = %id, task = %new.task, provider = %new.chain[hop], stream, "job accepted");
+            id
+        }
+        Ok(Inserted::Existing(existing)) => {
+            shared.streams.close(&id);
+            drop(watch);
+            tracing::debug!(job_id = %existing.id, "idempotent repeat");
+            if existing.status.is_terminal() || run_async {
+                return Ok(answer_existing(&existing, run_async));
+            }
+            watch = shared.signals.watch_job(&existing.id);
+            // It may have finished between the insert and the watch.
+            if let Some(job) = shared
+                .store
+                .get_job(&existing.id)
+                .await?
+                .filter(|j| j.status.is_terminal())
+            {
+                return Ok(render::finished(&job));
+            }
+            if stream {
+                // The stream belongs to the first request's connection; this one waits for the whole answer.
+                return wait_for(app, watch, existing.id.clone(), received).await;
+            }
+            existing.id.clone()
+        }
+        Err(e) => {
+            shared.streams.close(&id);
+            return Err(e.into());
+        }
+    };
+
+    if run_async {
+        let job = accepted_view(&new);
+        let mut resp = (
+            StatusCode::ACCEPTED,
+            render::job_headers(&job),
+            axum::Json(render::job_object(&job, &[])),
+        )
+            .into_response();
+        if let Ok(loc) = HeaderValue::from_str(&format!("/v1/jobs/{job_id}")) {
+            resp.headers_mut().insert(header::LOCATION, loc);
+        }
+        return Ok(resp);
+    }
+    if let Some(rx) = stream_rx {
+        let include_usage = req
+            .get("stream_options")
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        return Ok(sse(app.clone(), job_id, rx, watch, include_usage, &new));
+    }
+    let resp = wait_for(app, watch, job_id, received).await?;
+    if let Some(p) = resp
+        .headers()
+        .get(super::HDR_PROVIDER)
+        .and_then(|v| v.to_str().ok())
+    {
+        if resp.status().is_success() {
+            app.router.served(route, sticky_key, p);
+        }
+    }
+    Ok(resp)
+}
+
+/// A repeat of an idempotent request: the first job's answer (or its state, for async).
+fn answer_existing(job: &Job, run_async: bool) -> Response {
+    if run_async || !job.status.is_terminal() {
+        let mut resp = (
+            StatusCode::ACCEPTED,
+            render::job_headers(job),
+            axum::Json(render::job_object(job, &[])),
+        )
+            .into_response();
+        if let Ok(loc) = HeaderValue::from_str(&format!("/v1/jobs/{}", job.id)) {
+            resp.headers_mut().insert(header::LOCATION, loc);
+        }
+        return resp;
+    }
+    render::finished(job)
+}
+
+/// The job as it was inserted, for the 202 answer (no read back).
+fn accepted_view(new: &NewJob) -> Job {
+    Job {
+        id: new.id.clone(),
+        task: new.task.clone(),
+        status: JobStatus::Queued,
+        priority: new.priority,
+        chain: new.chain.clone(),
+        hop: new.hop,
+        hops: 0,
+        provider: new.chain[new.hop].clone(),
+        request: String::new(),
+        stream: new.stream,
+        caller: new.caller.clone(),
+        idempotency_key: new.idempotency_key.clone(),
+        pinned_instance: new.pinned_instance.clone(),
+        run_at: new.created_at,
+        deadline_at: new.deadline_at,
+        lease_owner: None,
+        lease_expires_at: None,
+        hop_tries: 0,
+        attempt_count: 0,
+        created_at: new.created_at,
+        started_at: None,
+        finished_at: None,
+        status_code: None,
+        result: None,
+        error: None,
+        usage_prompt: None,
+        usage_completion: None,
+        batch_id: None,
+        custom_id: None,
+        finished_by: None,
+    }
+}
+
+/// Waits for a job to finish, up to the request timeout.
+async fn wait_for(
+    app: &AppState,
+    mut watch: crate::queue::signals::JobWatch,
+    job_id: String,
+    received: Instant,
+) -> Result<Response, ApiError> {
+    let shared = &app.shared;
+    let timeout = shared.settings.request_timeout;
+    loop {
+        let left = timeout.saturating_sub(received.elapsed());
+        if left.is_zero() {
+            return Err(ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                format!(
+                    "the job did not finish within {}s; poll GET /v1/jobs/{job_id} for its result",
+                    timeout.as_secs()
+                ),
+            )
+            .with_job(&job_id));
+        }
+        let signalled = tokio::select! {
+            r = watch.wait(left.min(SAFETY_POLL)) => r.ok(),
+            _ = app.shutting_down.cancelled() => {
+                return Err(ApiError::unavailable(format!(
+                    "the gateway is shutting down; job {job_id} is kept and will complete: poll GET /v1/jobs/{job_id}"
+                )).with_job(&job_id));
+            }
+        };
+        if let Some(Some(job)) = signalled {
+            observe_overhead(app, &job, received);
+            return Ok(render::finished(&job));
+        }
+        // A signal from another instance, or the safety poll: read the row.
+        if let Some(job) = shared.store.get_job(&job_id).await? {
+            if job.status.is_terminal() {
+                return Ok(render::finished(&job));
+            }
+        } else {
+            return Err(ApiError::not_found(format!("job {job_id} disappeared")));
+        }
+        watch.rearm();
+    }
+}
+
+fn observe_overhead(app: &AppState, job: &Job, received: Instant) {
+    let total = received.elapsed().as_secs_f64();
+    let upstream = job
+        .finished_at
+        .zip(job.started_at)
+        .map_or(0.0, |(f, s)| (f - s).max(0) as f64 / 1000.0);
+    let overhead = (total - upstream).max(0.0);
+    app.shared
+        .telemetry
+        .metrics
+        .overhead
+        .with_label_values(&[&job.task])
+        .observe(overhead);
+}
+
+/// Cancels the job of a stream whose client went away before it finished.
+struct StreamGuard {
+    app: AppState,
+    job_id: String,
+    done: bool,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.app.shared.streams.close(&self.job_id);
+        if self.done {
+            return;
+        }
+        let app = self.app.clone();
+        let id = self.job_id.clone();
+        tokio::spawn(async move {
+            app.shared.abort_call(&id);
+            match app.shared.store.cancel_job(&id).await {
+                Ok(Some(job)) if job.status == JobStatus::Cancelled => {
+                    tracing::info!(job_id = %id, "stream client disconnected: job cancelled");
+                    app.shared.telemetry.job_finished(&job, None);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(job_id = %id, error = %e, "could not cancel the job of a closed stream")
+                }
+            }
+        });
+    }
+}
+
+fn sse(
+    app: AppState,
+    job_id: String,
+    rx: tokio::sync::mpsc::Receiver<StreamEvent>,
+    watch: crate::queue::signals::JobWatch,
+    include_usage: bool,
+    new: &NewJob,
+) -> Response {
+    let view = accepted_view(new);
+    let headers = render::job_headers(&view);
+    let guard = StreamGuard {
+        app: app.clone(),
+        job_id: job_id.clone(),
+        done: false,
+    };
+    let events = sse_events(app, job_id, rx, watch, include_usage, guard);
+    let mut resp = Sse::new(events)
+        .keep_alive(
+            KeepAlive::new()
+                .interval(Duration::from_secs(10))
+                .text("keep-alive"),
+        )
+        .into_response();
+    resp.headers_mut().extend(headers);
+    resp
+}
+
+/// What the SSE stream still has to do.
+enum Phase {
+    Streaming,
+    Draining(Option<Arc<Job>>),
+    Ended,
+}
+
+struct SseState {
+    app: AppState,
+    job_id: String,
+    rx: tokio::sync::mpsc::Receiver<StreamEvent>,
+    watch: crate::queue::signals::JobWatch,
+    include_usage: bool,
+    guard: StreamGuard,
+    phase: Phase,
+}
+
+fn sse_events(
+    app: AppState,
+    job_id: String,
+    rx: tokio::sync::mpsc::Receiver<StreamEvent>,
+    watch: crate::queue::signals::JobWatch,
+    include_usage: bool,
+    guard: StreamGuard,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    let state = SseState {
+        app,
+        job_id,
+        rx,
+        watch,
+        include_usage,
+        guard,
+        phase: Phase::Streaming,
+    };
+    futures::stream::unfold(state, |mut s| async move {
+        loop {
+            match &mut s.phase {
+                Phase::Ended => return None,
+                Phase::Streaming => {
+                    tokio::select! {
+                        biased;
+                        ev = s.rx.recv() => match ev {
+                            Some(StreamEvent::Chunk(c)) => {
+                                if let Some(ev) = chunk_event(c, s.include_usage) {
+                                    return Some((Ok(ev), s));
+                                }
+                            }
+                            Some(StreamEvent::Error(e)) => {
+                                s.guard.done = true;
+                                s.phase = Phase::Ended;
+                                let body = ApiError::from(&e).with_job(&s.job_id).body();
+                                return Some((Ok(Event::default().data(body.to_string())), s));
+                            }
+                            Some(StreamEvent::Done) => s.phase = Phase::Draining(None),
+                            // The worker dropped the channel: the job ended; learn how from the row.
+                            None => s.phase = Phase::Draining(None),
+                        },
+                        fin = s.watch.wait(SAFETY_POLL) => match fin {
+                            Ok(job) => s.phase = Phase::Draining(job),
+                            Err(()) => {
+                                // Safety poll: the job may have ended without a local signal.
+                                if let Ok(Some(job)) = s.app.shared.store.get_job(&s.job_id).await {
+                                    if job.status.is_terminal() {
+                                        s.phase = Phase::Draining(Some(Arc::new(job)));
+                                    }
+                                }
+                            }
+                        },
+                    }
+                }
+                Phase::Draining(job) => {
+                    // Chunks sent before the finish signal are still in the channel: send them first.
+                    if let Ok(StreamEvent::Chunk(c)) = s.rx.try_recv() {
+                        if let Some(ev) = chunk_event(c, s.include_usage) {
+                            return Some((Ok(ev), s));
+                        }
+                        continue;
+                    }
+                    let job = match job.take() {
+                        Some(j) => Some(j),
+                        None => s
+                            .app
+                            .shared
+                            .store
+                            .get_job(&s.job_id)
+                            .await
+                            .ok()
+                            .flatten()
+                            .map(Arc::new),
+                    };
+                    s.guard.done = true;
+                    s.phase = Phase::Ended;
+                    let ev = match job.as_deref() {
+                        Some(j) if j.status == JobStatus::Succeeded => {
+                            Event::default().data("[DONE]")
+                        }
+                        Some(j) => {
+                            let err = j.error.as_ref().map(ApiError::from).unwrap_or_else(|| {
+                                ApiError::internal(format!("job ended as {}", j.status.as_str()))
+                            });
+                            Event::default().data(err.with_job(&s.job_id).body().to_string())
+                        }
+                        None => Event::default()
+                            .data(ApiError::internal("the job disappeared").body().to_string()),
+                    };
+                    return Some((Ok(ev), s));
+                }
+            }
+        }
+    })
+}
+
+/// The SSE event of a chunk; usage is shown only to a client that asked for it.
+fn chunk_event(mut chunk: Value, include_usage: bool) -> Option<Event> {
+    if !include_usage {
+        let usage_only = chunk
+            .get("choices")
+            .and_then(Value::as_array)
+            .is_some_and(Vec::is_empty);
+        if usage_only && chunk.get("usage").is_some_and(|u| !u.is_null()) {
+            return None;
+        }
+        if let Some(o) = chunk.as_object_mut() {
+            o.remove("usage");
+        }
+    }
+    Some(Event::default().data(chunk.to_string()))
+}

@@ -1,0 +1,133 @@
+//! The one conversion of every failure into the OpenAI error body:
+//! `{"error": {"message", "type", "code", "param"}}`, plus `retry_after` and `job_id`
+//! where they apply.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::queue::JobError;
+
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub kind: String,
+    pub message: String,
+    pub code: Option<String>,
+    pub param: Option<String>,
+    pub retry_after: Option<u64>,
+    pub job_id: Option<String>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, kind: &str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            kind: kind.into(),
+            message: message.into(),
+            code: None,
+            param: None,
+            retry_after: None,
+            job_id: None,
+        }
+    }
+
+    pub fn invalid(message: impl Into<String>, param: Option<&str>) -> Self {
+        let mut e = Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message);
+        e.param = param.map(str::to_string);
+        e
+    }
+
+    pub fn unauthorized() -> Self {
+        let mut e = Self::new(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "Invalid or missing API key. Send it as `Authorization: Bearer KEY` or in the configured key header.",
+        );
+        e.code = Some("invalid_api_key".into());
+        e
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found_error", message)
+    }
+
+    pub fn too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            format!("request body is larger than the limit of {limit} bytes"),
+        )
+    }
+
+    pub fn rate_limited(message: impl Into<String>, retry_after: u64) -> Self {
+        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit", message);
+        e.retry_after = Some(retry_after);
+        e.code = Some("rate_limited".into());
+        e
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
+    }
+
+    pub fn with_job(mut self, id: &str) -> Self {
+        self.job_id = Some(id.to_string());
+        self
+    }
+
+    /// The error body alone, for SSE error events and job records.
+    pub fn body(&self) -> serde_json::Value {
+        let mut err = json!({
+            "message": self.message,
+            "type": self.kind,
+            "code": self.code,
+            "param": self.param,
+        });
+        if let Some(r) = self.retry_after {
+            err["retry_after"] = json!(r);
+        }
+        if let Some(j) = &self.job_id {
+            err["job_id"] = json!(j);
+        }
+        json!({ "error": err })
+    }
+}
+
+impl From<&JobError> for ApiError {
+    fn from(e: &JobError) -> Self {
+        let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_GATEWAY);
+        Self {
+            status,
+            kind: e.kind.clone(),
+            message: e.message.clone(),
+            code: e.code.clone(),
+            param: None,
+            retry_after: e.retry_after,
+            job_id: None,
+        }
+    }
+}
+
+impl From<crate::queue::StoreError> for ApiError {
+    fn from(e: crate::queue::StoreError) -> Self {
+        tracing::error!(error = %e, "database error on the request path");
+        Self::unavailable("the job store is unavailable; retry shortly")
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.status, axum::Json(self.body())).into_response();
+        if let Some(r) = self.retry_after {
+            if let Ok(v) = HeaderValue::from_str(&r.to_string()) {
+                resp.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        resp
+    }
+}

@@ -1,0 +1,73 @@
+//! `/healthz`, `/metrics`, `/v1/models` and the fallback 404.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::AppState;
+use super::error::ApiError;
+
+pub async fn healthz(State(app): State<AppState>) -> Response {
+    let shared = &app.shared;
+    let db_ok = matches!(
+        tokio::time::timeout(Duration::from_secs(2), shared.store.ping()).await,
+        Ok(Ok(()))
+    );
+    let settings = &shared.settings;
+    let body = json!({
+        "status": if db_ok { "ok" } else { "degraded" },
+        "db": if db_ok { "ok" } else { "unreachable" },
+        "backend": shared.store.backend(),
+        "instance": settings.instance_id,
+        "providers": shared.providers.keys().collect::<Vec<_>>(),
+        "planner": {
+            "last_reload_at": app.config_loaded_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            "watch": [settings.providers_file().display().to_string(), settings.router_file().display().to_string()],
+        },
+    });
+    let status = if db_ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+pub async fn metrics(State(app): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        app.shared.telemetry.metrics.render(),
+    )
+        .into_response()
+}
+
+pub async fn models(State(app): State<AppState>) -> Response {
+    let created = app.config_loaded_at.timestamp();
+    let routes = app
+        .router
+        .config()
+        .routes
+        .keys()
+        .map(|r| (r, "llm-orch:route"));
+    let providers = app
+        .shared
+        .providers
+        .keys()
+        .map(|p| (p, "llm-orch:provider"));
+    let data: Vec<_> = routes
+        .chain(providers)
+        .map(|(id, owner)| json!({"id": id, "object": "model", "created": created, "owned_by": owner}))
+        .collect();
+    Json(json!({"object": "list", "data": data})).into_response()
+}
+
+pub async fn not_found() -> Response {
+    ApiError::not_found("no such endpoint").into_response()
+}

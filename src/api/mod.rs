@@ -1,0 +1,114 @@
+//! The HTTP edge: axum routes, auth, CORS, and the OpenAI error shape. Handlers are
+//! clients of the queue: they insert jobs, wait for them and render them.
+
+mod auth;
+mod chat;
+pub mod error;
+mod health;
+mod jobs;
+mod render;
+pub mod validate;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderName, HeaderValue, Method};
+use axum::routing::{get, post};
+use tokio_util::sync::CancellationToken;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+use crate::routing;
+use crate::worker::Shared;
+
+pub use auth::Caller;
+
+/// State shared by every handler.
+pub struct AppInner {
+    pub shared: Arc<Shared>,
+    pub router: routing::Router,
+    /// Set when the server begins to shut down: waiting handlers answer at once.
+    pub shutting_down: CancellationToken,
+    pub config_loaded_at: chrono::DateTime<chrono::Utc>,
+}
+
+pub type AppState = Arc<AppInner>;
+
+/// Response headers of a job (CONTRACT §4).
+pub const HDR_REQUEST_ID: &str = "x-orch-request-id";
+pub const HDR_PROVIDER: &str = "x-orch-provider";
+pub const HDR_FALLBACKS: &str = "x-orch-fallback-attempts";
+
+pub fn router(state: AppState) -> Router {
+    let settings = state.shared.settings.clone();
+    let api = Router::new()
+        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/chat/completions", post(chat::chat_completions))
+        .route("/v1/jobs/{id}", get(jobs::get_job))
+        .route("/v1/jobs/{id}/cancel", post(jobs::cancel_job))
+        .route("/v1/models", get(health::models))
+        .route("/metrics", get(health::metrics))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_key,
+        ));
+    let mut app = Router::new()
+        .route("/healthz", get(health::healthz))
+        .merge(api)
+        .fallback(health::not_found)
+        // Bodies are read by the handlers with the configured limit and an OpenAI-shaped 413.
+        .layer(DefaultBodyLimit::disable())
+        .with_state(state);
+    if !settings.cors_allow_origins.is_empty() {
+        app = app.layer(cors(&settings.cors_allow_origins));
+    }
+    app
+}
+
+fn cors(origins: &[String]) -> CorsLayer {
+    let allowed: Vec<HeaderValue> = origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect();
+    let any = origins.iter().any(|o| o == "*");
+    let headers = [
+        "authorization",
+        "content-type",
+        "x-api-key",
+        "idempotency-key",
+        "x-orch-task-kind",
+        "x-orch-sticky-key",
+        "x-orch-async",
+        "openai-organization",
+        "openai-project",
+        "x-stainless-os",
+        "x-stainless-lang",
+        "x-stainless-arch",
+        "x-stainless-runtime",
+        "x-stainless-runtime-version",
+        "x-stainless-package-version",
+        "x-stainless-retry-count",
+        "x-stainless-timeout",
+    ]
+    .map(HeaderName::from_static);
+    CorsLayer::new()
+        .allow_origin(if any {
+            AllowOrigin::any()
+        } else {
+            AllowOrigin::list(allowed)
+        })
+        .allow_methods([Method::GET, Method::POST, Method::DELETE, Method::OPTIONS])
+        .allow_headers(headers.to_vec())
+        .expose_headers(
+            [
+                HDR_REQUEST_ID,
+                HDR_PROVIDER,
+                HDR_FALLBACKS,
+                "retry-after",
+                "location",
+            ]
+            .map(HeaderName::from_static),
+        )
+        .max_age(Duration::from_secs(600))
+}

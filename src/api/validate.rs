@@ -1,0 +1,303 @@
+//! Checks a Chat Completions request before it becomes a job: every error names the field.
+//! Fields the gateway does not know pass through untouched.
+
+use serde_json::{Map, Value};
+
+use super::error::ApiError;
+use crate::config::Defaults;
+
+const ROLES: &[&str] = &[
+    "system",
+    "developer",
+    "user",
+    "assistant",
+    "tool",
+    "function",
+];
+
+/// Parses and checks the body; returns the request object.
+pub fn chat_request(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    let value: Value = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::invalid(format!("request body is not valid JSON: {e}"), None))?;
+    let Value::Object(body) = value else {
+        return Err(ApiError::invalid(
+            "request body must be a JSON object",
+            None,
+        ));
+    };
+    check_messages(body.get("messages"))?;
+    let expect = |field: &str, ok: fn(&Value) -> bool, what: &str| -> Result<(), ApiError> {
+        match body.get(field) {
+            Some(v) if !v.is_null() && !ok(v) => Err(ApiError::invalid(
+                format!("`{field}` must be {what}, got {}", kind_of(v)),
+                Some(field),
+            )),
+            _ => Ok(()),
+        }
+    };
+    expect("model", Value::is_string, "a string")?;
+    expect(
+        "temperature",
+        |v| v.as_f64().is_some_and(|t| (0.0..=2.0).contains(&t)),
+        "a number between 0 and 2",
+    )?;
+    expect(
+        "top_p",
+        |v| v.as_f64().is_some_and(|t| (0.0..=1.0).contains(&t)),
+        "a number between 0 and 1",
+    )?;
+    expect(
+        "max_tokens",
+        |v| v.as_u64().is_some_and(|n| n >= 1),
+        "a positive integer",
+    )?;
+    expect(
+        "max_completion_tokens",
+        |v| v.as_u64().is_some_and(|n| n >= 1),
+        "a positive integer",
+    )?;
+    expect(
+        "n",
+        |v| v.as_u64().is_some_and(|n| n >= 1),
+        "a positive integer",
+    )?;
+    expect("stream", Value::is_boolean, "a boolean")?;
+    expect("stream_options", Value::is_object, "an object")?;
+    expect(
+        "stop",
+        |v| v.is_string() || v.as_array().is_some_and(|a| a.iter().all(Value::is_string)),
+        "a string or an array of strings",
+    )?;
+    expect("tools", Value::is_array, "an array")?;
+    expect(
+        "tool_choice",
+        |v| v.is_string() || v.is_object(),
+        "a string or an object",
+    )?;
+    expect("response_format", Value::is_object, "an object")?;
+    expect("presence_penalty", Value::is_number, "a number")?;
+    expect("frequency_penalty", Value::is_number, "a number")?;
+    expect("seed", Value::is_i64, "an integer")?;
+    expect("user", Value::is_string, "a string")?;
+    if let Some(tools) = body.get("tools").and_then(Value::as_array) {
+        for (i, t) in tools.iter().enumerate() {
+            let name = t
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .and_then(Value::as_str);
+            if !t.is_object() || name.is_none_or(str::is_empty) {
+                return Err(ApiError::invalid(
+                    format!("`tools[{i}]` must be an object with `function.name`"),
+                    Some(&format!("tools[{i}]")),
+                ));
+            }
+        }
+    }
+    Ok(body)
+}
+
+fn check_messages(messages: Option<&Value>) -> Result<(), ApiError> {
+    let Some(messages) = messages else {
+        return Err(ApiError::invalid(
+            "`messages` is required",
+            Some("messages"),
+        ));
+    };
+    let Some(list) = messages.as_array() else {
+        return Err(ApiError::invalid(
+            format!("`messages` must be an array, got {}", kind_of(messages)),
+            Some("messages"),
+        ));
+    };
+    if list.is_empty() {
+        return Err(ApiError::invalid(
+            "`messages` must contain at least one message",
+            Some("messages"),
+        ));
+    }
+    for (i, m) in list.iter().enumerate() {
+        let field = |k: &str| format!("messages[{i}].{k}");
+        let Some(obj) = m.as_object() else {
+            return Err(ApiError::invalid(
+                format!("`messages[{i}]` must be an object, got {}", kind_of(m)),
+                Some(&format!("messages[{i}]")),
+            ));
+        };
+        match obj.get("role") {
+            Some(Value::String(r)) if ROLES.contains(&r.as_str()) => {}
+            Some(Value::String(r)) => {
+                return Err(ApiError::invalid(
+                    format!(
+                        "`{}` must be one of {}, got `{r}`",
+                        field("role"),
+                        ROLES.join(", ")
+                    ),
+                    Some(&field("role")),
+                ));
+            }
+            Some(v) => {
+                return Err(ApiError::invalid(
+                    format!("`{}` must be a string, got {}", field("role"), kind_of(v)),
+                    Some(&field("role")),
+                ));
+            }
+            None => {
+                return Err(ApiError::invalid(
+                    format!("`{}` is required", field("role")),
+                    Some(&field("role")),
+                ));
+            }
+        }
+        match obj.get("content") {
+            None | Some(Value::Null | Value::String(_)) => {}
+            Some(Value::Array(parts)) => {
+                for (j, p) in parts.iter().enumerate() {
+                    if !p.get("type").is_some_and(Value::is_string) {
+                        let f = format!("messages[{i}].content[{j}]");
+                        return Err(ApiError::invalid(
+                            format!("`{f}` must be an object with a `type`"),
+                            Some(&f),
+                        ));
+                    }
+                }
+            }
+            Some(v) => {
+                return Err(ApiError::invalid(
+                    format!(
+                        "`{}` must be a string or an array of parts, got {}",
+                        field("content"),
+                        kind_of(v)
+                    ),
+                    Some(&field("content")),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Fills what the request omits from the router's defaults.
+pub fn apply_defaults(body: &mut Map<String, Value>, d: &Defaults) {
+    if let Some(t) = d.temperature {
+        if body.get("temperature").is_none_or(Value::is_null) {
+            body.insert("temperature".into(), Value::from(t));
+        }
+    }
+    if let Some(m) = d.max_tokens {
+        let has_limit = ["max_tokens", "max_completion_tokens"]
+            .iter()
+            .any(|k| body.get(*k).is_some_and(|v| !v.is_null()));
+        if !has_limit {
+            body.insert("max_tokens".into(), Value::from(m));
+        }
+    }
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(body: &str) -> ApiError {
+        chat_request(body.as_bytes()).unwrap_err()
+    }
+
+    #[test]
+    fn accepts_a_normal_request_and_keeps_unknown_fields() {
+        let b = chat_request(
+            br#"{"model":"x","messages":[{"role":"user","content":"hi"}],"custom_thing":{"a":1}}"#,
+        )
+        .unwrap();
+        assert_eq!(b["custom_thing"]["a"], 1);
+    }
+
+    #[test]
+    fn every_bad_field_is_named() {
+        assert!(err("{not json").message.contains("not valid JSON"));
+        assert_eq!(err("[]").status, 400);
+        assert_eq!(err(r#"{"model":"x"}"#).param.as_deref(), Some("messages"));
+        assert_eq!(err(r#"{"messages":[]}"#).param.as_deref(), Some("messages"));
+        assert_eq!(
+            err(r#"{"messages":"hi"}"#).param.as_deref(),
+            Some("messages")
+        );
+        assert_eq!(
+            err(r#"{"messages":[{"content":"hi"}]}"#).param.as_deref(),
+            Some("messages[0].role")
+        );
+        assert_eq!(
+            err(r#"{"messages":[{"role":"wizard","content":"hi"}]}"#)
+                .param
+                .as_deref(),
+            Some("messages[0].role")
+        );
+        assert_eq!(
+            err(r#"{"messages":[{"role":"user","content":5}]}"#)
+                .param
+                .as_deref(),
+            Some("messages[0].content")
+        );
+        let m = r#"[{"role":"user","content":"hi"}]"#;
+        assert_eq!(
+            err(&format!(r#"{{"messages":{m},"temperature":"hot"}}"#))
+                .param
+                .as_deref(),
+            Some("temperature")
+        );
+        assert_eq!(
+            err(&format!(r#"{{"messages":{m},"max_tokens":-1}}"#))
+                .param
+                .as_deref(),
+            Some("max_tokens")
+        );
+        assert_eq!(
+            err(&format!(r#"{{"messages":{m},"stream":"yes"}}"#))
+                .param
+                .as_deref(),
+            Some("stream")
+        );
+        assert_eq!(
+            err(&format!(r#"{{"messages":{m},"model":7}}"#))
+                .param
+                .as_deref(),
+            Some("model")
+        );
+        assert_eq!(
+            err(&format!(r#"{{"messages":{m},"tools":[{{}}]}}"#))
+                .param
+                .as_deref(),
+            Some("tools[0]")
+        );
+    }
+
+    #[test]
+    fn defaults_fill_only_what_is_missing() {
+        let d = Defaults {
+            temperature: Some(0.2),
+            max_tokens: Some(100),
+            task_header: "x".into(),
+        };
+        let mut b =
+            chat_request(br#"{"messages":[{"role":"user","content":"hi"}],"temperature":0.9}"#)
+                .unwrap();
+        apply_defaults(&mut b, &d);
+        assert_eq!(b["temperature"], 0.9);
+        assert_eq!(b["max_tokens"], 100);
+        let mut b = chat_request(
+            br#"{"messages":[{"role":"user","content":"hi"}],"max_completion_tokens":5}"#,
+        )
+        .unwrap();
+        apply_defaults(&mut b, &d);
+        assert!(b.get("max_tokens").is_none());
+    }
+}

@@ -1,0 +1,252 @@
+//! `providers.toml`: one table per provider, the table name is the provider's name.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Deserialize;
+
+/// The wire format a provider speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// OpenAI and every compatible API (Groq, vLLM, LM Studio, OpenRouter).
+    Openai,
+    Anthropic,
+    Ollama,
+    /// Answers in-process, no network.
+    Dummy,
+}
+
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Openai => "openai",
+            Self::Anthropic => "anthropic",
+            Self::Ollama => "ollama",
+            Self::Dummy => "dummy",
+        }
+    }
+}
+
+/// One provider as written in the file. Numbers are signed so that a negative limit is
+/// reported as such rather than as a TOML type error.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProvider {
+    #[serde(rename = "type")]
+    kind: String,
+    base_url: Option<String>,
+    model: Option<String>,
+    auth_env: Option<String>,
+    rpm: Option<i64>,
+    concurrency: Option<i64>,
+    tpm: Option<i64>,
+    timeout_s: Option<f64>,
+    max_retries: Option<i64>,
+}
+
+/// A validated provider.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProviderConfig {
+    pub name: String,
+    pub kind: ProviderKind,
+    pub base_url: String,
+    pub model: String,
+    pub auth_env: Option<String>,
+    /// Call starts allowed in any 60-second window, across all instances.
+    pub rpm: u32,
+    /// Calls in flight at once, across all instances.
+    pub concurrency: u32,
+    /// Tokens per 60-second window, across all instances.
+    pub tpm: Option<u32>,
+    pub timeout_s: f64,
+    /// Retries on this provider before the job hops to the next one.
+    pub max_retries: u32,
+}
+
+impl ProviderConfig {
+    /// The secret named by `auth_env`, read at call time so that it never sits in config dumps.
+    pub fn api_key(&self) -> Option<String> {
+        self.auth_env
+            .as_deref()
+            .and_then(|k| std::env::var(k).ok())
+            .filter(|v| !v.is_empty())
+    }
+}
+
+pub const DEFAULT_RPM: u32 = 60;
+pub const DEFAULT_CONCURRENCY: u32 = 4;
+pub const DEFAULT_TIMEOUT_S: f64 = 120.0;
+pub const DEFAULT_MAX_RETRIES: u32 = 2;
+
+/// Parses and validates the file's text; every problem is reported as `file: key: reason`.
+pub fn parse(file: &Path, text: &str) -> Result<BTreeMap<String, ProviderConfig>, Vec<String>> {
+    let f = file.display();
+    let raw: BTreeMap<String, RawProvider> =
+        toml::from_str(text).map_err(|e| vec![format!("{f}: {}", one_line(&e.to_string()))])?;
+    if raw.is_empty() {
+        return Err(vec![format!("{f}: no provider tables defined")]);
+    }
+    let mut out = BTreeMap::new();
+    let mut problems = Vec::new();
+    for (name, p) in raw {
+        let key = |k: &str| format!("{f}: {name}.{k}");
+        let kind = match p.kind.as_str() {
+            "openai" => Some(ProviderKind::Openai),
+            "anthropic" => Some(ProviderKind::Anthropic),
+            "ollama" => Some(ProviderKind::Ollama),
+            "dummy" => Some(ProviderKind::Dummy),
+            other => {
+                problems.push(format!(
+                    "{}: unknown type `{other}` (expected openai, anthropic, ollama or dummy)",
+                    key("type")
+                ));
+                None
+            }
+        };
+        let mut limit = |k: &str, v: Option<i64>, default: u32, min: i64| -> u32 {
+            match v {
+                None => default,
+                Some(n) if n < min => {
+                    let reason = if n < 0 {
+                        "must not be negative"
+                    } else {
+                        "must be at least 1"
+                    };
+                    problems.push(format!("{}: {reason}, got {n}", key(k)));
+                    default
+                }
+                Some(n) => u32::try_from(n).unwrap_or(u32::MAX),
+            }
+        };
+        let rpm = limit("rpm", p.rpm, DEFAULT_RPM, 1);
+        let concurrency = limit("concurrency", p.concurrency, DEFAULT_CONCURRENCY, 1);
+        let tpm = p.tpm.map(|_| limit("tpm", p.tpm, 0, 1));
+        let max_retries = limit("max_retries", p.max_retries, DEFAULT_MAX_RETRIES, 0);
+        let timeout_s = match p.timeout_s {
+            None => DEFAULT_TIMEOUT_S,
+            Some(t) if t > 0.0 && t.is_finite() => t,
+            Some(t) => {
+                problems.push(format!(
+                    "{}: must be a positive number of seconds, got {t}",
+                    key("timeout_s")
+                ));
+                DEFAULT_TIMEOUT_S
+            }
+        };
+        let base_url = p
+            .base_url
+            .unwrap_or_default()
+            .trim_end_matches('/')
+            .to_string();
+        if let Some(kind) = kind {
+            if kind != ProviderKind::Dummy {
+                if base_url.is_empty() {
+                    problems.push(format!(
+                        "{}: required for type {}",
+                        key("base_url"),
+                        kind.as_str()
+                    ));
+                } else if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
+                    problems.push(format!(
+                        "{}: must start with http:// or https://, got `{base_url}`",
+                        key("base_url")
+                    ));
+                }
+            }
+            let model = p.model.clone().unwrap_or_default();
+            if model.is_empty() && kind != ProviderKind::Dummy {
+                problems.push(format!(
+                    "{}: required for type {}",
+                    key("model"),
+                    kind.as_str()
+                ));
+            }
+            out.insert(
+                name.clone(),
+                ProviderConfig {
+                    name: name.clone(),
+                    kind,
+                    base_url,
+                    model: if model.is_empty() {
+                        name.clone()
+                    } else {
+                        model
+                    },
+                    auth_env: p.auth_env.filter(|s| !s.is_empty()),
+                    rpm,
+                    concurrency,
+                    tpm,
+                    timeout_s,
+                    max_retries,
+                },
+            );
+        }
+    }
+    if problems.is_empty() {
+        Ok(out)
+    } else {
+        Err(problems)
+    }
+}
+
+/// TOML errors span several lines with a source excerpt; keep them readable in one line.
+pub(crate) fn one_line(s: &str) -> String {
+    s.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && *l != "|")
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(text: &str) -> Result<BTreeMap<String, ProviderConfig>, Vec<String>> {
+        parse(Path::new("providers.toml"), text)
+    }
+
+    #[test]
+    fn parses_a_full_table() {
+        let cfg = p(r#"
+[frontier_primary]
+type = "openai"
+base_url = "https://api.openai.com/v1/"
+model = "gpt-4.1-mini"
+auth_env = "OPENAI_API_KEY"
+rpm = 120
+concurrency = 8
+tpm = 60000
+timeout_s = 120
+max_retries = 2
+"#)
+        .unwrap();
+        let f = &cfg["frontier_primary"];
+        assert_eq!(f.kind, ProviderKind::Openai);
+        assert_eq!(f.base_url, "https://api.openai.com/v1");
+        assert_eq!(
+            (f.rpm, f.concurrency, f.tpm, f.max_retries),
+            (120, 8, Some(60000), 2)
+        );
+    }
+
+    #[test]
+    fn a_typo_names_file_and_key() {
+        let err = p("[a]\ntype = \"dummy\"\nrmp = 3\n")
+            .unwrap_err()
+            .join("\n");
+        assert!(err.contains("providers.toml"), "{err}");
+        assert!(err.contains("rmp"), "{err}");
+    }
+
+    #[test]
+    fn every_problem_is_listed() {
+        let err = p("[a]\ntype = \"nope\"\n[b]\ntype = \"openai\"\nrpm = -1\nmodel = \"m\"\n")
+            .unwrap_err();
+        let all = err.join("\n");
+        assert!(all.contains("a.type: unknown type `nope`"), "{all}");
+        assert!(all.contains("b.rpm: must not be negative"), "{all}");
+        assert!(all.contains("b.base_url: required"), "{all}");
+    }
+}

@@ -1,0 +1,192 @@
+//! llm-orch: a durable, queue-backed, OpenAI-compatible gateway for LLM APIs.
+//!
+//! Every accepted request becomes a job row first; per-provider worker pools lease jobs
+//! within budgets shared through the database, call the upstream, and record every
+//! attempt; the HTTP handler only inserts, waits and renders. See DESIGN.md.
+
+pub mod api;
+pub mod config;
+pub mod export;
+pub mod providers;
+pub mod queue;
+pub mod routing;
+pub mod telemetry;
+pub mod worker;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use config::{Config, DatabaseUrl, Settings};
+use queue::{QueueStore, RescueScope, Signals};
+use telemetry::Telemetry;
+use worker::{Availability, Shared, StreamHub, Workers};
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("configuration problems:\n{0}")]
+    Config(#[from] config::ConfigError),
+    #[error("database: {0}")]
+    Store(#[from] queue::StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Opens the store named by the settings and applies its migrations.
+pub async fn open_store(settings: &Settings) -> Result<Arc<dyn QueueStore>, queue::StoreError> {
+    match &settings.database_url {
+        DatabaseUrl::Sqlite(path) => Ok(Arc::new(
+            queue::sqlite::SqliteStore::open(path, settings.sqlite_sync).await?,
+        )),
+        DatabaseUrl::Postgres(_) => Err(queue::StoreError::Open(
+            "Postgres is not supported by this build yet; use sqlite://PATH".into(),
+        )),
+    }
+}
+
+/// A built gateway: listening, workers running, not yet serving HTTP.
+pub struct App {
+    listener: TcpListener,
+    state: api::AppState,
+    workers: Workers,
+    shutdown: CancellationToken,
+}
+
+impl App {
+    /// Loads config, opens and migrates the store, takes back jobs a dead process left
+    /// running, starts the worker pools and binds the listener.
+    pub async fn build(settings: Settings) -> Result<Self, StartError> {
+        let config = Config::load(&settings)?;
+        let store = open_store(&settings).await?;
+        let scope = match settings.database_url {
+            DatabaseUrl::Sqlite(_) => RescueScope::All,
+            DatabaseUrl::Postgres(_) => RescueScope::Owner(&settings.instance_id),
+        };
+        let rescued = store.rescue(scope).await?;
+        if !rescued.is_empty() {
+            tracing::warn!(providers = ?rescued, "re-queued jobs left running by a previous process");
+        }
+        let listener =
+            TcpListener::bind(settings.bind)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: settings.bind,
+                    source,
+                })?;
+
+        let settings = Arc::new(settings);
+        let config = Arc::new(config);
+        let telemetry = Arc::new(Telemetry::new(
+            settings.metrics_dir.clone(),
+            settings.instance_id.clone(),
+        ));
+        let providers = providers::build(&config.providers);
+        let router = routing::Router::new(
+            Arc::new(config.router.clone()),
+            providers.keys().cloned().collect(),
+        );
+        let shared = Arc::new(Shared {
+            store,
+            signals: Signals::new(),
+            providers,
+            config,
+            settings: settings.clone(),
+            telemetry,
+            streams: Arc::new(StreamHub::default()),
+            availability: Arc::new(Availability::default()),
+            running: Mutex::new(Default::default()),
+            stop_leasing: CancellationToken::new(),
+            abort_calls: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+        });
+        worker::refresh(&shared).await;
+        let workers = Workers::start(shared.clone());
+        let state = Arc::new(api::AppInner {
+            shared,
+            router,
+            shutting_down: CancellationToken::new(),
+            config_loaded_at: chrono::Utc::now(),
+        });
+        Ok(Self {
+            listener,
+            state,
+            workers,
+            shutdown: CancellationToken::new(),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+
+    /// Cancel this token to shut the gateway down gracefully.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    pub fn shared(&self) -> Arc<Shared> {
+        self.state.shared.clone()
+    }
+
+    /// Serves until the shutdown token is cancelled, then stops accepting, lets running
+    /// calls finish within the grace period, gives unfinished jobs back to the queue, exits.
+    pub async fn run(self) -> std::io::Result<()> {
+        let Self {
+            listener,
+            state,
+            workers,
+            shutdown,
+        } = self;
+        let grace = state.shared.settings.shutdown_grace;
+        tracing::info!(
+            addr = %listener.local_addr()?,
+            instance = %state.shared.settings.instance_id,
+            backend = state.shared.store.backend(),
+            "llm-orch listening"
+        );
+        let app = api::router(state.clone());
+        let stopping = state.shutting_down.clone();
+        let stop = shutdown.clone();
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+            stop.cancelled().await;
+            tracing::info!("shutting down: no new requests");
+            stopping.cancel();
+        });
+        let result = serve.await;
+        workers.shutdown(grace).await;
+        state.shared.telemetry.flush().await;
+        tracing::info!("stopped");
+        result
+    }
+}
+
+/// Resolves when SIGTERM or Ctrl-C arrives.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,308 @@
+//! Upstream adapters: one file per wire format behind one trait. An adapter translates an
+//! OpenAI Chat Completions request into its provider's request and the answer back into
+//! OpenAI shapes. It knows nothing of the queue, retries or budgets: it reports what
+//! happened as a `ProviderError`, and the worker decides what to do about it.
+
+pub mod assemble;
+pub mod dummy;
+pub mod openai;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use serde_json::{Map, Value};
+
+use crate::config::{ProviderConfig, ProviderKind};
+
+/// An OpenAI Chat Completions request body.
+pub type ChatBody = Map<String, Value>;
+
+/// Token counts reported by the upstream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt: Option<i64>,
+    pub completion: Option<i64>,
+}
+
+impl Usage {
+    /// Reads an OpenAI `usage` object.
+    pub fn from_openai(v: Option<&Value>) -> Self {
+        let get = |k: &str| v.and_then(|u| u.get(k)).and_then(Value::as_i64);
+        Self {
+            prompt: get("prompt_tokens"),
+            completion: get("completion_tokens"),
+        }
+    }
+
+    pub fn total(&self) -> Option<i64> {
+        match (self.prompt, self.completion) {
+            (None, None) => None,
+            (p, c) => Some(p.unwrap_or(0) + c.unwrap_or(0)),
+        }
+    }
+}
+
+/// A finished chat completion in OpenAI shape (`object: "chat.completion"`).
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub body: Value,
+    pub usage: Usage,
+}
+
+/// OpenAI `chat.completion.chunk` objects, in order.
+pub type ChunkStream = BoxStream<'static, Result<Value, ProviderError>>;
+
+/// What went wrong with one upstream call.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ProviderError {
+    /// The upstream answered with a non-success status.
+    #[error("upstream returned {status}: {message}")]
+    Status {
+        status: u16,
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    #[error("upstream call timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("cannot reach upstream: {0}")]
+    Network(String),
+    /// The upstream answered 2xx with something that is not a valid answer.
+    #[error("upstream sent an unreadable answer: {0}")]
+    BadResponse(String),
+    /// The request cannot be expressed for this provider: the caller's fault, not retried.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+#[async_trait]
+pub trait Provider: Send + Sync {
+    fn config(&self) -> &ProviderConfig;
+
+    /// One non-streaming call.
+    async fn complete(&self, body: &ChatBody) -> Result<Completion, ProviderError>;
+
+    /// One streaming call. Errors before the first chunk come back as `Err` here.
+    async fn stream(&self, body: &ChatBody) -> Result<ChunkStream, ProviderError>;
+}
+
+/// Every configured provider, by name.
+pub type Providers = BTreeMap<String, Arc<dyn Provider>>;
+
+/// Builds the adapters for a configuration.
+pub fn build(configs: &BTreeMap<String, ProviderConfig>) -> Providers {
+    configs
+        .iter()
+        .map(|(name, cfg)| {
+            let p: Arc<dyn Provider> = match cfg.kind {
+                ProviderKind::Openai => Arc::new(openai::OpenAi::new(cfg.clone())),
+                ProviderKind::Dummy => Arc::new(dummy::Dummy::new(cfg.clone())),
+                // Adapters for these formats are added with the providers issue; until then
+                // they answer with a clear error instead of a wrong translation.
+                ProviderKind::Anthropic | ProviderKind::Ollama => {
+                    Arc::new(Unsupported(cfg.clone()))
+                }
+            };
+            (name.clone(), p)
+        })
+        .collect()
+}
+
+struct Unsupported(ProviderConfig);
+
+#[async_trait]
+impl Provider for Unsupported {
+    fn config(&self) -> &ProviderConfig {
+        &self.0
+    }
+    async fn complete(&self, _: &ChatBody) -> Result<Completion, ProviderError> {
+        Err(ProviderError::Invalid(format!(
+            "provider type {} is not supported yet",
+            self.0.kind.as_str()
+        )))
+    }
+    async fn stream(&self, _: &ChatBody) -> Result<ChunkStream, ProviderError> {
+        Err(ProviderError::Invalid(format!(
+            "provider type {} is not supported yet",
+            self.0.kind.as_str()
+        )))
+    }
+}
+
+/// A pooled HTTP client for one provider.
+pub fn http_client(cfg: &ProviderConfig) -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(usize::try_from(cfg.concurrency).unwrap_or(64).max(8))
+        .tcp_nodelay(true)
+        .build()
+        .unwrap_or_else(|_| reqwest::Client::new())
+}
+
+/// Parses `Retry-After`: delay seconds or an HTTP date.
+pub fn parse_retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
+    let v = value.trim();
+    if let Ok(secs) = v.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+    }
+    let when = chrono::DateTime::parse_from_rfc2822(v).ok()?;
+    let delta = when.with_timezone(&chrono::Utc) - now;
+    Some(delta.to_std().unwrap_or(Duration::ZERO))
+}
+
+/// Turns a failed HTTP answer into a `ProviderError`, keeping the upstream's message.
+pub async fn status_error(resp: reqwest::Response, secret: Option<&str>) -> ProviderError {
+    let status = resp.status().as_u16();
+    let retry_after = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| parse_retry_after(v, chrono::Utc::now()));
+    let body = resp.text().await.unwrap_or_default();
+    ProviderError::Status {
+        status,
+        message: redact(&error_message(&body, status), secret),
+        retry_after,
+    }
+}
+
+/// The human message of an upstream error body, whatever its dialect.
+pub fn error_message(body: &str, status: u16) -> String {
+    let parsed: Option<Value> = serde_json::from_str(body).ok();
+    let msg = parsed.as_ref().and_then(|v| {
+        let e = v.get("error").unwrap_or(v);
+        e.get("message")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .or_else(|| e.as_str().map(str::to_string))
+    });
+    match msg {
+        Some(m) if !m.is_empty() => m,
+        _ if body.trim().is_empty() => format!("HTTP {status} with an empty body"),
+        _ => {
+            let mut s: String = body.chars().take(500).collect();
+            if body.len() > s.len() {
+                s.push('…');
+            }
+            s
+        }
+    }
+}
+
+/// Removes a secret from text that may reach a client, a log or the database.
+pub fn redact(text: &str, secret: Option<&str>) -> String {
+    match secret {
+        Some(s) if s.len() >= 4 && text.contains(s) => text.replace(s, "[redacted]"),
+        _ => text.to_string(),
+    }
+}
+
+/// Maps a transport failure from reqwest.
+pub fn transport_error(
+    e: reqwest::Error,
+    timeout: Duration,
+    secret: Option<&str>,
+) -> ProviderError {
+    if e.is_timeout() {
+        ProviderError::Timeout(timeout)
+    } else if e.is_decode() || e.is_body() {
+        ProviderError::BadResponse(redact(&e.to_string(), secret))
+    } else {
+        ProviderError::Network(redact(&without_url(&e), secret))
+    }
+}
+
+/// reqwest errors carry the URL; a query string could hold a key, so keep only the cause chain.
+fn without_url(e: &reqwest::Error) -> String {
+    let mut msg = String::new();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    if msg.is_empty() { e.to_string() } else { msg }
+}
+
+/// The text of the last user message (string content or text parts).
+pub fn last_user_text(body: &ChatBody) -> String {
+    let messages = body.get("messages").and_then(Value::as_array);
+    let last = messages.and_then(|m| {
+        m.iter()
+            .rev()
+            .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
+    });
+    content_text(last.and_then(|m| m.get("content")))
+}
+
+/// Text of a message `content`: a string, or the `text` of its parts.
+pub fn content_text(content: Option<&Value>) -> String {
+    match content {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join(""),
+        _ => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn retry_after_both_forms() {
+        let now = chrono::Utc
+            .with_ymd_and_hms(2015, 10, 21, 7, 28, 0)
+            .unwrap();
+        assert_eq!(parse_retry_after("7", now), Some(Duration::from_secs(7)));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:30 GMT", now),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:27:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-3", now), None);
+    }
+
+    #[test]
+    fn error_messages_of_every_dialect() {
+        assert_eq!(
+            error_message(r#"{"error":{"message":"bad key","type":"x"}}"#, 401),
+            "bad key"
+        );
+        assert_eq!(
+            error_message(
+                r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
+                529
+            ),
+            "Overloaded"
+        );
+        assert_eq!(
+            error_message(r#"{"error":"model not found"}"#, 404),
+            "model not found"
+        );
+        assert_eq!(error_message("", 500), "HTTP 500 with an empty body");
+        assert_eq!(error_message("<html>oops</html>", 502), "<html>oops</html>");
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        assert_eq!(
+            redact("invalid key sk-secret-123", Some("sk-secret-123")),
+            "invalid key [redacted]"
+        );
+        assert_eq!(redact("fine", None), "fine");
+    }
+}

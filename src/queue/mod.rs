@@ -1,0 +1,107 @@
+//! The durable queue: the job/attempt model and the one trait every database backend
+//! implements. The queue knows nothing of HTTP or of provider wire formats.
+//!
+//! A job moves `queued → running → succeeded | failed | cancelled`. A retry puts it back
+//! to `queued` with a later `run_at`; a hop moves it to another provider of its chain.
+//! Budgets (rpm, tpm, concurrency, cool-down, breaker) are checked in the same transaction
+//! that leases, so every instance sharing the database sees the same numbers.
+
+pub mod model;
+pub mod row;
+pub mod signals;
+pub mod sqlite;
+
+use async_trait::async_trait;
+
+pub use model::*;
+pub use signals::Signals;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("{0}")]
+    Open(String),
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Which running jobs the rescuer takes back.
+#[derive(Debug, Clone, Copy)]
+pub enum RescueScope<'a> {
+    /// Jobs whose lease expired: their instance stopped renewing.
+    Expired,
+    /// Every running job of this instance (a previous life of it), expired or not.
+    Owner(&'a str),
+    /// Every running job: a SQLite process starting owns the file alone, so any running
+    /// job was left by a process that died.
+    All,
+}
+
+/// Everything the gateway asks of its database. One implementation per backend
+/// (SQLite, Postgres), one conformance suite run against both.
+#[async_trait]
+pub trait QueueStore: Send + Sync + 'static {
+    /// Which backend this is, for `/healthz` and logs.
+    fn backend(&self) -> &'static str;
+
+    /// Milliseconds since the epoch by this store's clock (the database's, where shared).
+    async fn now_ms(&self) -> StoreResult<i64>;
+
+    /// Inserts a job, or returns the existing one when `(caller, idempotency_key)` repeats.
+    async fn insert_job(&self, job: &NewJob) -> StoreResult<Inserted>;
+
+    /// Inserts many jobs in one transaction (batch lines). Idempotency keys are not used.
+    async fn insert_jobs(&self, jobs: &[NewJob]) -> StoreResult<()>;
+
+    async fn get_job(&self, id: &str) -> StoreResult<Option<Job>>;
+
+    async fn get_attempts(&self, id: &str) -> StoreResult<Vec<Attempt>>;
+
+    /// Leases up to `req.max_jobs` eligible jobs of one provider within its budgets.
+    async fn lease(&self, req: &LeaseRequest) -> StoreResult<Lease>;
+
+    /// Extends the lease of a running job; `false` when the job is no longer ours
+    /// (cancelled, or rescued after our lease expired): the call must stop.
+    async fn renew_lease(&self, job_id: &str, instance: &str, lease_ms: i64) -> StoreResult<bool>;
+
+    /// Records the end of an attempt and moves the job on, in one transaction.
+    /// `false` when the job was no longer ours; nothing is written then but the attempt.
+    async fn finish_attempt(&self, fin: &AttemptFinish) -> StoreResult<bool>;
+
+    /// Cancels a job that is not finished yet; returns the job as it is afterwards.
+    async fn cancel_job(&self, id: &str) -> StoreResult<Option<Job>>;
+
+    /// Re-queues running jobs in `scope`, recording their attempt as `lost`. A pinned
+    /// (streaming) job fails instead: its client was on the instance that stopped.
+    /// Returns the providers that received work.
+    async fn rescue(&self, scope: RescueScope<'_>) -> StoreResult<Vec<String>>;
+
+    /// Puts this instance's running jobs back to `queued` at shutdown (attempt `released`).
+    async fn release_leases(&self, instance: &str) -> StoreResult<Vec<String>>;
+
+    /// Queued jobs per provider.
+    async fn queue_depths(&self) -> StoreResult<Vec<(String, i64)>>;
+
+    /// Running jobs per provider.
+    async fn running_counts(&self) -> StoreResult<Vec<(String, i64)>>;
+
+    /// Cool-down and breaker state of every provider that has any.
+    async fn provider_states(&self) -> StoreResult<Vec<ProviderState>>;
+
+    /// Jobs finished in `[from_ms, until_ms)`, oldest first, at most `limit` after `after_id`.
+    async fn finished_jobs(
+        &self,
+        from_ms: i64,
+        until_ms: i64,
+        after: Option<(i64, String)>,
+        limit: i64,
+    ) -> StoreResult<Vec<Job>>;
+
+    /// Cheap round trip for `/healthz`.
+    async fn ping(&self) -> StoreResult<()>;
+}

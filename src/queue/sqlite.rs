@@ -1,0 +1,646 @@
+//! The embedded SQLite store.
+//!
+//! One process owns the database file (an exclusive lock on `PATH.lock` enforces it:
+//! several instances need Postgres). All writes go through one connection behind an async
+//! mutex, so writers never fight over SQLite's lock and a lease is simply a transaction
+//! on that connection; reads use a small pool and see committed data through WAL.
+//!
+//! Durability: WAL with `synchronous=NORMAL` (default) keeps every committed transaction
+//! across a process crash (kill -9); `ORCH_SQLITE_SYNCHRONOUS=FULL` also survives power loss.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Connection, SqliteConnection, SqlitePool};
+use tokio::sync::Mutex;
+
+use super::row::{AttemptRow, JobRow, chain_json, error_json, estimate_tokens};
+use super::*;
+use crate::config::SqliteSync;
+use crate::{attempt_columns, job_columns};
+
+pub struct SqliteStore {
+    writer: Mutex<SqliteConnection>,
+    readers: SqlitePool,
+    /// Held for the life of the store: the file lock that keeps a second process out.
+    _lock: File,
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+impl SqliteStore {
+    /// Opens (creating the folder and file if needed), locks and migrates the database.
+    pub async fn open(path: &Path, sync: SqliteSync) -> StoreResult<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Open(format!(
+                    "cannot create database folder {}: {e}",
+                    dir.display()
+                ))
+            })?;
+        }
+        let lock_path = PathBuf::from(format!("{}.lock", path.display()));
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| {
+                StoreError::Open(format!(
+                    "cannot open lock file {}: {e}",
+                    lock_path.display()
+                ))
+            })?;
+        if lock.try_lock().is_err() {
+            return Err(StoreError::Open(format!(
+                "another llm-orch process already uses the SQLite database {} (SQLite serves one \
+                 instance; to run several instances, point them all at Postgres with ORCH_DATABASE_URL)",
+                path.display()
+            )));
+        }
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
+            .map_err(|e| StoreError::Open(format!("bad SQLite path {}: {e}", path.display())))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(match sync {
+                SqliteSync::Normal => SqliteSynchronous::Normal,
+                SqliteSync::Full => SqliteSynchronous::Full,
+            })
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(false);
+        let mut writer = SqliteConnection::connect_with(&options)
+            .await
+            .map_err(|e| {
+                StoreError::Open(format!(
+                    "cannot open SQLite database {}: {e}",
+                    path.display()
+                ))
+            })?;
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&mut writer)
+            .await?;
+        let readers = SqlitePoolOptions::new()
+            .max_connections(4)
+            .min_connections(1)
+            .connect_with(options.read_only(true))
+            .await?;
+        Ok(Self {
+            writer: Mutex::new(writer),
+            readers,
+            _lock: lock,
+        })
+    }
+
+    async fn requeue_running(
+        &self,
+        owner: Option<&str>,
+        expired_only: bool,
+        outcome: AttemptOutcome,
+    ) -> StoreResult<Vec<String>> {
+        let now = now_ms();
+        let mut conn = self.writer.lock().await;
+        let mut tx = conn.begin().await?;
+        let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
+            "SELECT id, provider, pinned_instance FROM jobs WHERE status = 'running' \
+             AND (?1 IS NULL OR lease_owner = ?1) AND (?2 = 0 OR lease_expires_at < ?3)",
+        )
+        .bind(owner)
+        .bind(expired_only as i64)
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut providers = Vec::new();
+        for (id, provider, pinned) in rows {
+            sqlx::query(
+                "UPDATE attempts SET outcome = ?1, finished_at = ?2, error = ?3 WHERE job_id = ?4 AND outcome = 'running'",
+            )
+            .bind(outcome.as_str())
+            .bind(now)
+            .bind(match outcome {
+                AttemptOutcome::Released => "instance shut down before the call finished",
+                _ => "lease expired: the instance running this attempt stopped",
+            })
+            .bind(&id)
+            .execute(&mut *tx)
+            .await?;
+            if pinned.is_some() {
+                // A stream's client was connected to the instance that stopped: nobody can
+                // receive the answer any more, so the job ends instead of running again.
+                let err = JobError {
+                    status: 502,
+                    kind: "provider_server_error".into(),
+                    message: "the instance serving this stream stopped before it finished".into(),
+                    code: None,
+                    retry_after: None,
+                };
+                sqlx::query(
+                    "UPDATE jobs SET status = 'failed', finished_at = ?1, status_code = 502, error = ?2, \
+                     lease_owner = NULL, lease_expires_at = NULL WHERE id = ?3",
+                )
+                .bind(now)
+                .bind(error_json(&err))
+                .bind(&id)
+                .execute(&mut *tx)
+                .await?;
+                continue;
+            }
+            // A released attempt never reached an answer through no fault of the job:
+            // it does not count against max_retries.
+            let give_back = (outcome == AttemptOutcome::Released) as i64;
+            sqlx::query(
+                "UPDATE jobs SET status = 'queued', run_at = ?1, lease_owner = NULL, lease_expires_at = NULL, \
+                 hop_tries = MAX(hop_tries - ?2, 0) WHERE id = ?3",
+            )
+            .bind(now)
+            .bind(give_back)
+            .bind(&id)
+            .execute(&mut *tx)
+            .await?;
+            if !providers.contains(&provider) {
+                providers.push(provider);
+            }
+        }
+        tx.commit().await?;
+        Ok(providers)
+    }
+}
+
+#[async_trait]
+impl QueueStore for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn now_ms(&self) -> StoreResult<i64> {
+        Ok(now_ms())
+    }
+
+    async fn insert_job(&self, job: &NewJob) -> StoreResult<Inserted> {
+        let mut conn = self.writer.lock().await;
+        let inserted = insert(&mut conn, job).await?;
+        if inserted {
+            return Ok(Inserted::New);
+        }
+        let row: JobRow = sqlx::query_as(concat!(
+            "SELECT ",
+            job_columns!(),
+            " FROM jobs WHERE caller = ?1 AND idempotency_key = ?2"
+        ))
+        .bind(job.caller.as_deref().unwrap_or(""))
+        .bind(&job.idempotency_key)
+        .fetch_one(&mut *conn)
+        .await?;
+        Ok(Inserted::Existing(Box::new(row.try_into()?)))
+    }
+
+    async fn insert_jobs(&self, jobs: &[NewJob]) -> StoreResult<()> {
+        let mut conn = self.writer.lock().await;
+        let mut tx = conn.begin().await?;
+        for job in jobs {
+            insert(&mut tx, job).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn get_job(&self, id: &str) -> StoreResult<Option<Job>> {
+        let row: Option<JobRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            job_columns!(),
+            " FROM jobs WHERE id = ?1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.readers)
+        .await?;
+        row.map(Job::try_from).transpose()
+    }
+
+    async fn get_attempts(&self, id: &str) -> StoreResult<Vec<Attempt>> {
+        let rows: Vec<AttemptRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            attempt_columns!(),
+            " FROM attempts WHERE job_id = ?1 ORDER BY n"
+        ))
+        .bind(id)
+        .fetch_all(&self.readers)
+        .await?;
+        Ok(rows.into_iter().map(Attempt::from).collect())
+    }
+
+    async fn lease(&self, req: &LeaseRequest) -> StoreResult<Lease> {
+        let now = now_ms();
+        let mut conn = self.writer.lock().await;
+        let mut tx = conn.begin().await?;
+
+        let state: Option<(i64, i64)> = sqlx::query_as(
+            "SELECT cooldown_until, breaker_open_until FROM provider_state WHERE provider = ?1",
+        )
+        .bind(&req.provider)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some((cooldown, breaker)) = state {
+            if cooldown > now {
+                return Ok(Lease {
+                    blocked: Some(Blocked::Cooldown(cooldown)),
+                    ..Lease::default()
+                });
+            }
+            if breaker > now {
+                return Ok(Lease {
+                    blocked: Some(Blocked::Breaker(breaker)),
+                    ..Lease::default()
+                });
+            }
+        }
+        let (running,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM jobs WHERE provider = ?1 AND status = 'running'")
+                .bind(&req.provider)
+                .fetch_one(&mut *tx)
+                .await?;
+        let free_slots = i64::from(req.budget.concurrency) - running;
+        if free_slots <= 0 {
+            return Ok(Lease {
+                blocked: Some(Blocked::Concurrency),
+                ..Lease::default()
+            });
+        }
+        let window_start = now - 60_000;
+        let (started, oldest, tokens): (i64, Option<i64>, i64) = sqlx::query_as(
+            "SELECT COUNT(*), MIN(started_at), COALESCE(SUM(tokens), 0) FROM attempts \
+             WHERE provider = ?1 AND started_at > ?2",
+        )
+        .bind(&req.provider)
+        .bind(window_start)
+        .fetch_one(&mut *tx)
+        .await?;
+        let window_frees_at = oldest.unwrap_or(now) + 60_000 + 1;
+        let rpm_left = i64::from(req.budget.rpm) - started;
+        if rpm_left <= 0 {
+            return Ok(Lease {
+                blocked: Some(Blocked::Rpm(window_frees_at)),
+                ..Lease::default()
+            });
+        }
+        if let Some(tpm) = req.budget.tpm {
+            if tokens >= i64::from(tpm) {
+                return Ok(Lease {
+                    blocked: Some(Blocked::Tpm(window_frees_at)),
+                    ..Lease::default()
+                });
+            }
+        }
+        let limit = free_slots.min(rpm_left).min(i64::from(req.max_jobs.max(1)));
+        let rows: Vec<JobRow> = sqlx::query_as(concat!("SELECT ", job_columns!(), " FROM jobs WHERE provider = ?1 AND status = 'queued' AND run_at <= ?2 \
+             AND (pinned_instance IS NULL OR pinned_instance = ?3) ORDER BY priority, run_at LIMIT ?4"))
+        .bind(&req.provider)
+        .bind(now)
+        .bind(&req.instance)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.is_empty() {
+            let (next,): (Option<i64>,) = sqlx::query_as(
+                "SELECT MIN(run_at) FROM jobs WHERE provider = ?1 AND status = 'queued' \
+                 AND (pinned_instance IS NULL OR pinned_instance = ?2)",
+            )
+            .bind(&req.provider)
+            .bind(&req.instance)
+            .fetch_one(&mut *tx)
+            .await?;
+            return Ok(Lease {
+                next_due_at: next,
+                ..Lease::default()
+            });
+        }
+        let lease_until = now + req.lease_ms;
+        let mut jobs = Vec::with_capacity(rows.len());
+        let mut tokens_used = tokens;
+        for row in rows {
+            let mut job = Job::try_from(row)?;
+            let estimate = if req.budget.tpm.is_some() {
+                estimate_tokens(&job.request)
+            } else {
+                0
+            };
+            if let Some(tpm) = req.budget.tpm {
+                // Always let the first call of an empty window through, however large.
+                if !jobs.is_empty() && tokens_used + estimate > i64::from(tpm) {
+                    break;
+                }
+            }
+            tokens_used += estimate;
+            job.status = JobStatus::Running;
+            job.lease_owner = Some(req.instance.clone());
+            job.lease_expires_at = Some(lease_until);
+            job.started_at = job.started_at.or(Some(now));
+            job.attempt_count += 1;
+            job.hop_tries += 1;
+            sqlx::query(
+                "UPDATE jobs SET status = 'running', lease_owner = ?1, lease_expires_at = ?2, \
+                 started_at = COALESCE(started_at, ?3), attempt_count = attempt_count + 1, \
+                 hop_tries = hop_tries + 1 WHERE id = ?4",
+            )
+            .bind(&req.instance)
+            .bind(lease_until)
+            .bind(now)
+            .bind(&job.id)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO attempts (job_id, n, provider, model, instance, started_at, outcome, tokens) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'running', ?7)",
+            )
+            .bind(&job.id)
+            .bind(job.attempt_count)
+            .bind(&req.provider)
+            .bind(&req.model)
+            .bind(&req.instance)
+            .bind(now)
+            .bind(estimate)
+            .execute(&mut *tx)
+            .await?;
+            let attempt_n = job.attempt_count;
+            jobs.push(LeasedJob { job, attempt_n });
+        }
+        tx.commit().await?;
+        Ok(Lease {
+            jobs,
+            ..Lease::default()
+        })
+    }
+
+    async fn renew_lease(&self, job_id: &str, instance: &str, lease_ms: i64) -> StoreResult<bool> {
+        let mut conn = self.writer.lock().await;
+        let done = sqlx::query(
+            "UPDATE jobs SET lease_expires_at = ?1 WHERE id = ?2 AND status = 'running' AND lease_owner = ?3",
+        )
+        .bind(now_ms() + lease_ms)
+        .bind(job_id)
+        .bind(instance)
+        .execute(&mut *conn)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn finish_attempt(&self, fin: &AttemptFinish) -> StoreResult<bool> {
+        let mut conn = self.writer.lock().await;
+        let mut tx = conn.begin().await?;
+        sqlx::query(
+            "UPDATE attempts SET finished_at = ?1, status_code = ?2, outcome = ?3, error = ?4, \
+             tokens = COALESCE(?5, tokens) WHERE job_id = ?6 AND n = ?7",
+        )
+        .bind(fin.finished_at)
+        .bind(fin.status_code)
+        .bind(fin.outcome.as_str())
+        .bind(&fin.error)
+        .bind(fin.tokens)
+        .bind(&fin.job_id)
+        .bind(fin.attempt_n)
+        .execute(&mut *tx)
+        .await?;
+        // Only the lease holder may move the job on.
+        macro_rules! owned {
+            () => {
+                " WHERE id = ?1 AND status = 'running' AND lease_owner = ?2"
+            };
+        }
+        let done = match &fin.transition {
+            Transition::Succeed { result, usage_prompt, usage_completion } => {
+                sqlx::query(concat!("UPDATE jobs SET status = 'succeeded', finished_at = ?3, status_code = 200, result = ?4, \
+                     usage_prompt = ?5, usage_completion = ?6, lease_owner = NULL, lease_expires_at = NULL, \
+                     finished_by = ?2 ", owned!()))
+                .bind(&fin.job_id)
+                .bind(&fin.instance)
+                .bind(fin.finished_at)
+                .bind(result)
+                .bind(usage_prompt)
+                .bind(usage_completion)
+                .execute(&mut *tx)
+                .await?
+            }
+            Transition::Fail { error, partial } => {
+                sqlx::query(concat!("UPDATE jobs SET status = 'failed', finished_at = ?3, status_code = ?4, error = ?5, result = ?6, \
+                     lease_owner = NULL, lease_expires_at = NULL, finished_by = ?2 ", owned!()))
+                .bind(&fin.job_id)
+                .bind(&fin.instance)
+                .bind(fin.finished_at)
+                .bind(i64::from(error.status))
+                .bind(error_json(error))
+                .bind(partial)
+                .execute(&mut *tx)
+                .await?
+            }
+            Transition::Requeue { hop, provider, run_at } => {
+                sqlx::query(concat!("UPDATE jobs SET status = 'queued', run_at = ?3, \
+                     hop_tries = CASE WHEN hop = ?4 THEN hop_tries ELSE 0 END, hop = ?4, provider = ?5, \
+                     hops = hops + CASE WHEN provider <> ?5 THEN 1 ELSE 0 END, \
+                     lease_owner = NULL, lease_expires_at = NULL ", owned!()))
+                .bind(&fin.job_id)
+                .bind(&fin.instance)
+                .bind(run_at)
+                .bind(*hop as i64)
+                .bind(provider)
+                .execute(&mut *tx)
+                .await?
+            }
+        };
+        apply_effect(&mut tx, &fin.provider, fin.finished_at, &fin.effect).await?;
+        tx.commit().await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn cancel_job(&self, id: &str) -> StoreResult<Option<Job>> {
+        let now = now_ms();
+        {
+            let mut conn = self.writer.lock().await;
+            let mut tx = conn.begin().await?;
+            let err = JobError {
+                status: 499,
+                kind: "cancelled".into(),
+                message: "the job was cancelled".into(),
+                code: Some("cancelled".into()),
+                retry_after: None,
+            };
+            let done = sqlx::query(
+                "UPDATE jobs SET status = 'cancelled', finished_at = ?1, status_code = 499, error = ?2, \
+                 lease_owner = NULL, lease_expires_at = NULL WHERE id = ?3 AND status IN ('queued', 'running')",
+            )
+            .bind(now)
+            .bind(error_json(&err))
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+            if done.rows_affected() == 1 {
+                sqlx::query(
+                    "UPDATE attempts SET outcome = 'cancelled', finished_at = ?1 WHERE job_id = ?2 AND outcome = 'running'",
+                )
+                .bind(now)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+        }
+        self.get_job(id).await
+    }
+
+    async fn rescue(&self, scope: RescueScope<'_>) -> StoreResult<Vec<String>> {
+        let (owner, expired_only) = match scope {
+            RescueScope::Expired => (None, true),
+            RescueScope::Owner(o) => (Some(o), false),
+            RescueScope::All => (None, false),
+        };
+        self.requeue_running(owner, expired_only, AttemptOutcome::Lost)
+            .await
+    }
+
+    async fn release_leases(&self, instance: &str) -> StoreResult<Vec<String>> {
+        self.requeue_running(Some(instance), false, AttemptOutcome::Released)
+            .await
+    }
+
+    async fn queue_depths(&self) -> StoreResult<Vec<(String, i64)>> {
+        Ok(sqlx::query_as(
+            "SELECT provider, COUNT(*) FROM jobs WHERE status = 'queued' GROUP BY provider",
+        )
+        .fetch_all(&self.readers)
+        .await?)
+    }
+
+    async fn running_counts(&self) -> StoreResult<Vec<(String, i64)>> {
+        Ok(sqlx::query_as(
+            "SELECT provider, COUNT(*) FROM jobs WHERE status = 'running' GROUP BY provider",
+        )
+        .fetch_all(&self.readers)
+        .await?)
+    }
+
+    async fn provider_states(&self) -> StoreResult<Vec<ProviderState>> {
+        let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+            "SELECT provider, cooldown_until, consecutive_failures, breaker_open_until FROM provider_state ORDER BY provider",
+        )
+        .fetch_all(&self.readers)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(provider, cooldown_until, consecutive_failures, breaker_open_until)| {
+                    ProviderState {
+                        provider,
+                        cooldown_until,
+                        consecutive_failures,
+                        breaker_open_until,
+                    }
+                },
+            )
+            .collect())
+    }
+
+    async fn finished_jobs(
+        &self,
+        from_ms: i64,
+        until_ms: i64,
+        after: Option<(i64, String)>,
+        limit: i64,
+    ) -> StoreResult<Vec<Job>> {
+        let (after_ts, after_id) = after.unwrap_or((i64::MIN, String::new()));
+        let rows: Vec<JobRow> = sqlx::query_as(concat!("SELECT ", job_columns!(), " FROM jobs WHERE finished_at IS NOT NULL AND finished_at >= ?1 AND finished_at < ?2 \
+             AND (finished_at > ?3 OR (finished_at = ?3 AND id > ?4)) ORDER BY finished_at, id LIMIT ?5"))
+        .bind(from_ms)
+        .bind(until_ms)
+        .bind(after_ts)
+        .bind(after_id)
+        .bind(limit)
+        .fetch_all(&self.readers)
+        .await?;
+        rows.into_iter().map(Job::try_from).collect()
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.readers).await?;
+        Ok(())
+    }
+}
+
+async fn insert(conn: &mut SqliteConnection, job: &NewJob) -> StoreResult<bool> {
+    let provider = job.chain.get(job.hop).cloned().unwrap_or_default();
+    let done = sqlx::query(
+        "INSERT INTO jobs (id, task, status, priority, chain, hop, provider, request, stream, caller, \
+         idempotency_key, pinned_instance, run_at, deadline_at, created_at, batch_id, custom_id) \
+         VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?12, ?14, ?15) \
+         ON CONFLICT (caller, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
+    )
+    .bind(&job.id)
+    .bind(&job.task)
+    .bind(job.priority)
+    .bind(chain_json(&job.chain))
+    .bind(job.hop as i64)
+    .bind(provider)
+    .bind(&job.request)
+    .bind(job.stream as i64)
+    .bind(job.caller.as_deref().unwrap_or(""))
+    .bind(&job.idempotency_key)
+    .bind(&job.pinned_instance)
+    .bind(job.created_at)
+    .bind(job.deadline_at)
+    .bind(&job.batch_id)
+    .bind(&job.custom_id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+async fn apply_effect(
+    conn: &mut SqliteConnection,
+    provider: &str,
+    now: i64,
+    effect: &ProviderEffect,
+) -> StoreResult<()> {
+    if effect.cooldown_until.is_none() && effect.success.is_none() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO provider_state (provider) VALUES (?1) ON CONFLICT (provider) DO NOTHING",
+    )
+    .bind(provider)
+    .execute(&mut *conn)
+    .await?;
+    if let Some(until) = effect.cooldown_until {
+        sqlx::query("UPDATE provider_state SET cooldown_until = MAX(cooldown_until, ?1) WHERE provider = ?2")
+            .bind(until)
+            .bind(provider)
+            .execute(&mut *conn)
+            .await?;
+    }
+    match effect.success {
+        Some(true) => {
+            sqlx::query("UPDATE provider_state SET consecutive_failures = 0 WHERE provider = ?1")
+                .bind(provider)
+                .execute(&mut *conn)
+                .await?;
+        }
+        Some(false) => {
+            let (threshold, open_ms) = effect
+                .breaker
+                .map_or((i64::MAX, 0), |(t, ms)| (i64::from(t), ms));
+            sqlx::query(
+                "UPDATE provider_state SET consecutive_failures = consecutive_failures + 1, \
+                 breaker_open_until = CASE WHEN consecutive_failures + 1 >= ?1 THEN ?2 ELSE breaker_open_until END \
+                 WHERE provider = ?3",
+            )
+            .bind(threshold)
+            .bind(now + open_ms)
+            .bind(provider)
+            .execute(&mut *conn)
+            .await?;
+        }
+        None => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,204 @@
+//! Route resolution: which route a request takes (task header, then `model`, then
+//! DEFAULT) and the order in which that route's providers are tried.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+
+use crate::config::router::DEFAULT_ROUTE;
+use crate::config::{Route, RouterConfig, Strategy};
+
+pub struct Router {
+    config: Arc<RouterConfig>,
+    providers: Vec<String>,
+    /// (route, sticky key) → the provider that last served it, and until when.
+    sticky: Mutex<HashMap<(String, String), (String, Instant)>>,
+}
+
+impl Router {
+    /// `providers`: every configured provider name (a request's `model` may name one).
+    pub fn new(config: Arc<RouterConfig>, providers: Vec<String>) -> Self {
+        Self {
+            config,
+            providers,
+            sticky: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Route and provider order for a request. A `model` that names no route but names a
+    /// provider sends the request to that provider alone (the DEFAULT route's name is kept
+    /// as the task).
+    pub fn plan(
+        &self,
+        task_header: Option<&str>,
+        model: Option<&str>,
+        sticky_key: Option<&str>,
+    ) -> (&Route, Vec<String>) {
+        let routes = &self.config.routes;
+        let by_route = task_header.is_some_and(|t| routes.contains_key(t.trim()))
+            || model.is_some_and(|m| routes.contains_key(m));
+        let route = self.resolve(task_header, model);
+        if !by_route {
+            if let Some(p) = model.filter(|m| self.providers.iter().any(|p| p == m)) {
+                return (route, vec![p.to_string()]);
+            }
+        }
+        (route, self.chain(route, sticky_key))
+    }
+
+    pub fn config(&self) -> &RouterConfig {
+        &self.config
+    }
+
+    /// The route for a request: the task header's value if it names a route, else the
+    /// request's `model` if it names one, else DEFAULT. An unknown task is not an error.
+    pub fn resolve(&self, task_header: Option<&str>, model: Option<&str>) -> &Route {
+        let routes = &self.config.routes;
+        task_header
+            .and_then(|t| routes.get(t.trim()))
+            .or_else(|| model.and_then(|m| routes.get(m)))
+            .or_else(|| routes.get(DEFAULT_ROUTE))
+            .or_else(|| routes.values().next())
+            .expect("validated config has a DEFAULT route")
+    }
+
+    /// Providers of a route in the order to try them.
+    pub fn chain(&self, route: &Route, sticky_key: Option<&str>) -> Vec<String> {
+        let mut order: Vec<String> = route.targets.iter().map(|t| t.provider.clone()).collect();
+        match route.strategy {
+            Strategy::Priority => {}
+            Strategy::Weighted => {
+                let total: u64 = route.targets.iter().map(|t| u64::from(t.weight)).sum();
+                if total > 0 {
+                    let mut pick = rand::rng().random_range(0..total);
+                    let idx = route
+                        .targets
+                        .iter()
+                        .position(|t| {
+                            let w = u64::from(t.weight);
+                            if pick < w {
+                                true
+                            } else {
+                                pick -= w;
+                                false
+                            }
+                        })
+                        .unwrap_or(0);
+                    let chosen = order.remove(idx);
+                    order.insert(0, chosen);
+                }
+            }
+            Strategy::Sticky => {
+                if let Some(key) = sticky_key {
+                    let map = self.sticky.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some((p, until)) = map.get(&(route.name.clone(), key.to_string())) {
+                        if *until > Instant::now() {
+                            if let Some(idx) = order.iter().position(|x| x == p) {
+                                let chosen = order.remove(idx);
+                                order.insert(0, chosen);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        order
+    }
+
+    /// Remembers which provider served a sticky key.
+    pub fn served(&self, route: &Route, sticky_key: Option<&str>, provider: &str) {
+        if route.strategy != Strategy::Sticky {
+            return;
+        }
+        let Some(key) = sticky_key else { return };
+        let until = Instant::now() + Duration::from_secs(route.sticky_ttl_s);
+        let mut map = self.sticky.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() > 100_000 {
+            let now = Instant::now();
+            map.retain(|_, (_, u)| *u > now);
+        }
+        map.insert(
+            (route.name.clone(), key.to_string()),
+            (provider.to_string(), until),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+    use std::path::Path;
+
+    fn router() -> Router {
+        let text = r#"
+routes:
+  PLAN: {primary: a, fallback: [b, c]}
+  W:
+    strategy: weighted
+    targets: [{provider: a, weight: 3}, {provider: b, weight: 1}]
+  S:
+    strategy: sticky
+    sticky_ttl: 30
+    targets: [{provider: a}, {provider: b}]
+  DEFAULT: {primary: c}
+"#;
+        let names: BTreeSet<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        let providers = names.iter().cloned().collect();
+        Router::new(
+            Arc::new(crate::config::router::parse(Path::new("r"), text, &names).unwrap()),
+            providers,
+        )
+    }
+
+    #[test]
+    fn header_then_model_then_default() {
+        let r = router();
+        assert_eq!(r.resolve(Some("PLAN"), Some("W")).name, "PLAN");
+        assert_eq!(r.resolve(Some("NOPE"), Some("W")).name, "W");
+        assert_eq!(r.resolve(None, Some("gpt-4o")).name, "DEFAULT");
+        assert_eq!(r.resolve(Some("NOPE"), None).name, "DEFAULT");
+    }
+
+    #[test]
+    fn a_model_naming_a_provider_goes_there_alone() {
+        let r = router();
+        let (route, chain) = r.plan(None, Some("b"), None);
+        assert_eq!(
+            (route.name.as_str(), chain),
+            ("DEFAULT", vec!["b".to_string()])
+        );
+        let (route, chain) = r.plan(Some("PLAN"), Some("b"), None);
+        assert_eq!((route.name.as_str(), chain.len()), ("PLAN", 3));
+    }
+
+    #[test]
+    fn priority_keeps_order() {
+        let r = router();
+        let route = r.resolve(Some("PLAN"), None);
+        assert_eq!(r.chain(route, None), ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn weighted_follows_weights_and_keeps_the_rest_as_fallback() {
+        let r = router();
+        let route = r.resolve(Some("W"), None);
+        let firsts = (0..4000).filter(|_| r.chain(route, None)[0] == "a").count();
+        assert!((2700..3300).contains(&firsts), "{firsts}");
+        let c = r.chain(route, None);
+        assert_eq!(c.len(), 2);
+        assert_ne!(c[0], c[1]);
+    }
+
+    #[test]
+    fn sticky_keeps_the_provider_that_served() {
+        let r = router();
+        let route = r.resolve(Some("S"), None);
+        assert_eq!(r.chain(route, Some("k"))[0], "a");
+        r.served(route, Some("k"), "b");
+        assert_eq!(r.chain(route, Some("k")), ["b", "a"]);
+        assert_eq!(r.chain(route, Some("other"))[0], "a");
+    }
+}

@@ -1,0 +1,403 @@
+//! One leased job: the upstream call with its lease kept alive, then the policy's verdict
+//! written back in one transaction.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use super::policy::{self, Decision};
+use super::{Shared, StreamEvent};
+use crate::providers::assemble::Assembler;
+use crate::providers::{ChatBody, Provider, ProviderError};
+use crate::queue::{
+    AttemptFinish, AttemptOutcome, Job, JobError, JobStatus, LeasedJob, Transition,
+};
+
+pub async fn run(shared: Arc<Shared>, provider: Arc<dyn Provider>, leased: LeasedJob) {
+    let LeasedJob { job, attempt_n } = leased;
+    let token = shared.abort_calls.child_token();
+    {
+        let mut running = shared.running.lock().unwrap_or_else(|e| e.into_inner());
+        running.insert(job.id.clone(), token.clone());
+    }
+    let renewer = spawn_renewer(&shared, &job.id, token.clone());
+    let span =
+        tracing::info_span!("job", job_id = %job.id, provider = %job.provider, attempt = attempt_n);
+    let _enter = span.enter();
+    drop(_enter);
+
+    let started = Instant::now();
+    let verdict = match serde_json::from_str::<ChatBody>(&job.request) {
+        Err(e) => Some(Verdict::Failed(ProviderError::Invalid(format!(
+            "stored request is not a JSON object: {e}"
+        )))),
+        Ok(body) if job.stream => {
+            stream_call(&shared, provider.as_ref(), &job, &body, &token).await
+        }
+        Ok(body) => {
+            tokio::select! {
+                r = provider.complete(&body) => Some(match r {
+                    Ok(c) => Verdict::Done {
+                        result: serde_json::to_string(&c.body).unwrap_or_default(),
+                        prompt: c.usage.prompt,
+                        completion: c.usage.completion,
+                    },
+                    Err(e) => Verdict::Failed(e),
+                }),
+                _ = token.cancelled() => None,
+            }
+        }
+    };
+    renewer.abort();
+    {
+        let mut running = shared.running.lock().unwrap_or_else(|e| e.into_inner());
+        running.remove(&job.id);
+    }
+    let latency = started.elapsed();
+    shared.telemetry.upstream_latency(&job.provider, latency);
+    match verdict {
+        // Cancelled (the row says so already) or aborted at shutdown (leases are released).
+        None => {
+            tracing::info!(job_id = %job.id, "call stopped before it finished");
+            shared
+                .telemetry
+                .attempt(&job.provider, AttemptOutcome::Cancelled.as_str());
+        }
+        Some(v) => settle(&shared, provider.as_ref(), job, attempt_n, v).await,
+    }
+    shared.signals.wake_pool(&provider.config().name);
+}
+
+/// How the call ended, before the policy weighs it.
+enum Verdict {
+    Done {
+        result: String,
+        prompt: Option<i64>,
+        completion: Option<i64>,
+    },
+    Failed(ProviderError),
+    /// A stream failed after chunks reached the client: no retry is possible any more.
+    BrokenStream {
+        error: ProviderError,
+        partial: String,
+        prompt: Option<i64>,
+        completion: Option<i64>,
+    },
+}
+
+/// Keeps the lease alive while the call runs; cancels the call when the job is no longer
+/// ours (cancelled by a user, or rescued by another instance after our lease expired).
+fn spawn_renewer(
+    shared: &Arc<Shared>,
+    job_id: &str,
+    token: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let shared = shared.clone();
+    let job_id = job_id.to_string();
+    let lease = shared.settings.lease;
+    let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(30_000);
+    tokio::spawn(async move {
+        let every = (lease / 3).max(Duration::from_millis(500));
+        loop {
+            tokio::time::sleep(every).await;
+            match shared
+                .store
+                .renew_lease(&job_id, &shared.settings.instance_id, lease_ms)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::info!(job_id = %job_id, "job is no longer ours (cancelled or rescued): stopping the call");
+                    token.cancel();
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(job_id = %job_id, error = %e, "lease renewal failed; will retry")
+                }
+            }
+        }
+    })
+}
+
+async fn stream_call(
+    shared: &Shared,
+    provider: &dyn Provider,
+    job: &Job,
+    body: &ChatBody,
+    token: &CancellationToken,
+) -> Option<Verdict> {
+    let Some(tx) = shared.streams.sender(&job.id) else {
+        cancel_for_disconnect(shared, &job.id).await;
+        return None;
+    };
+    let idle = Duration::from_secs_f64(provider.config().timeout_s);
+    let mut upstream = tokio::select! {
+        r = provider.stream(body) => match r {
+            Ok(s) => s,
+            Err(e) => return Some(Verdict::Failed(e)),
+        },
+        _ = token.cancelled() => return None,
+        _ = tx.closed() => {
+            cancel_for_disconnect(shared, &job.id).await;
+            return None;
+        }
+    };
+    let mut asm = Assembler::default();
+    let first_chunk_at = Instant::now();
+    loop {
+        let next = tokio::select! {
+            n = tokio::time::timeout(idle, upstream.next()) => n.unwrap_or(Some(Err(ProviderError::Timeout(idle)))),
+            _ = token.cancelled() => return None,
+            _ = tx.closed() => {
+                cancel_for_disconnect(shared, &job.id).await;
+                return None;
+            }
+        };
+        match next {
+            Some(Ok(chunk)) => {
+                if asm.chunks == 0 {
+                    shared
+                        .telemetry
+                        .first_token(&job.provider, first_chunk_at.elapsed());
+                }
+                asm.push(&chunk);
+                if tx.send(StreamEvent::Chunk(chunk)).await.is_err() {
+                    cancel_for_disconnect(shared, &job.id).await;
+                    return None;
+                }
+            }
+            // Nothing reached the client yet: the policy may still retry or hop.
+            Some(Err(e)) if asm.chunks == 0 => return Some(Verdict::Failed(e)),
+            Some(Err(error)) => {
+                let u = asm.usage();
+                let partial = serde_json::to_string(&asm.finish()).unwrap_or_default();
+                return Some(Verdict::BrokenStream {
+                    error,
+                    partial,
+                    prompt: u.prompt,
+                    completion: u.completion,
+                });
+            }
+            None if asm.chunks == 0 => {
+                return Some(Verdict::Failed(ProviderError::BadResponse(
+                    "the stream ended without a chunk".into(),
+                )));
+            }
+            None => {
+                let u = asm.usage();
+                return Some(Verdict::Done {
+                    result: serde_json::to_string(&asm.finish()).unwrap_or_default(),
+                    prompt: u.prompt,
+                    completion: u.completion,
+                });
+            }
+        }
+    }
+}
+
+/// The client of a stream went away: the job ends as cancelled.
+async fn cancel_for_disconnect(shared: &Shared, job_id: &str) {
+    tracing::info!(job_id = %job_id, "stream client disconnected: cancelling the job");
+    shared.streams.close(job_id);
+    match shared.store.cancel_job(job_id).await {
+        Ok(Some(job)) if job.status == JobStatus::Cancelled => {
+            shared.telemetry.job_finished(&job, None)
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(job_id = %job_id, error = %e, "could not mark the job cancelled"),
+    }
+}
+
+async fn settle(
+    shared: &Shared,
+    provider: &dyn Provider,
+    mut job: Job,
+    attempt_n: i64,
+    verdict: Verdict,
+) {
+    let cfg = provider.config();
+    let now = chrono::Utc::now().timestamp_millis();
+    let (decision, status_code, error_text, tokens) = match verdict {
+        Verdict::Done {
+            result,
+            prompt,
+            completion,
+        } => {
+            let tokens = prompt.unwrap_or(0) + completion.unwrap_or(0);
+            (
+                policy::on_success(result, prompt, completion),
+                Some(200),
+                None,
+                Some(tokens),
+            )
+        }
+        Verdict::Failed(err) => {
+            let class = policy::classify(&err, shared.settings.retry_after_default);
+            let unavailable = unavailable_now(shared).await;
+            let breaker = shared
+                .config
+                .router
+                .breaker_for(&cfg.name)
+                .map(|b| (b.failure_threshold, (b.recovery_time_s * 1000.0) as i64));
+            let ctx = policy::Context {
+                job: &job,
+                now,
+                max_retries: cfg.max_retries,
+                unavailable_until: &unavailable,
+                breaker,
+            };
+            let code = match &err {
+                ProviderError::Status { status, .. } => Some(i64::from(*status)),
+                _ => None,
+            };
+            (
+                policy::on_failure(&err, &class, &ctx),
+                code,
+                Some(err.to_string()),
+                None,
+            )
+        }
+        Verdict::BrokenStream {
+            error,
+            partial,
+            prompt,
+            completion,
+        } => {
+            let decision = Decision {
+                outcome: AttemptOutcome::Failed,
+                transition: Transition::Fail {
+                    error: JobError {
+                        status: 502,
+                        kind: "provider_server_error".into(),
+                        message: format!("the stream broke after it started: {error}"),
+                        code: Some("stream_interrupted".into()),
+                        retry_after: None,
+                    },
+                    partial: Some(partial),
+                },
+                effect: crate::queue::ProviderEffect {
+                    success: Some(false),
+                    ..Default::default()
+                },
+            };
+            let tokens = prompt.unwrap_or(0) + completion.unwrap_or(0);
+            (decision, None, Some(error.to_string()), Some(tokens))
+        }
+    };
+    let fin = AttemptFinish {
+        job_id: job.id.clone(),
+        attempt_n,
+        instance: shared.settings.instance_id.clone(),
+        provider: job.provider.clone(),
+        finished_at: now,
+        outcome: decision.outcome,
+        status_code,
+        error: error_text,
+        tokens,
+        transition: decision.transition.clone(),
+        effect: decision.effect,
+    };
+    if let Some(until) = decision.effect.cooldown_until {
+        shared.availability.extend(&job.provider, until);
+        shared.telemetry.cooldown(&job.provider, until);
+        tracing::warn!(job_id = %job.id, provider = %job.provider, cooldown_ms = until - now, "provider cooling down after 429");
+    }
+    shared
+        .telemetry
+        .attempt(&job.provider, decision.outcome.as_str());
+    let mut written = false;
+    for try_n in 0..3 {
+        match shared.store.finish_attempt(&fin).await {
+            Ok(true) => {
+                written = true;
+                break;
+            }
+            Ok(false) => {
+                tracing::info!(job_id = %job.id, "job changed hands while the call ran; its outcome is dropped");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(job_id = %job.id, error = %e, try_n, "could not record the attempt");
+                tokio::time::sleep(Duration::from_millis(200 << try_n)).await;
+            }
+        }
+    }
+    if !written {
+        // The lease will expire and the rescuer re-queues the job: nothing is lost.
+        return;
+    }
+    apply(&mut job, &fin, &shared.settings.instance_id);
+    match &decision.transition {
+        Transition::Requeue {
+            provider, run_at, ..
+        } => {
+            tracing::info!(job_id = %job.id, outcome = decision.outcome.as_str(), next = %provider, delay_ms = run_at - now, "job re-queued");
+            shared.signals.wake_pool(provider);
+        }
+        _ => {
+            tracing::info!(job_id = %job.id, status = job.status.as_str(), "job finished");
+            shared.telemetry.job_finished(&job, Some(&cfg.model));
+            let id = job.id.clone();
+            shared.signals.job_finished(&id, Some(Arc::new(job)));
+        }
+    }
+}
+
+/// The job as the finish just wrote it, without reading it back.
+fn apply(job: &mut Job, fin: &AttemptFinish, instance: &str) {
+    job.lease_owner = None;
+    job.lease_expires_at = None;
+    match &fin.transition {
+        Transition::Succeed {
+            result,
+            usage_prompt,
+            usage_completion,
+        } => {
+            job.status = JobStatus::Succeeded;
+            job.finished_at = Some(fin.finished_at);
+            job.status_code = Some(200);
+            job.result = Some(result.clone());
+            job.usage_prompt = *usage_prompt;
+            job.usage_completion = *usage_completion;
+            job.finished_by = Some(instance.to_string());
+        }
+        Transition::Fail { error, partial } => {
+            job.status = JobStatus::Failed;
+            job.finished_at = Some(fin.finished_at);
+            job.status_code = Some(i64::from(error.status));
+            job.error = Some(error.clone());
+            job.result = partial.clone();
+            job.finished_by = Some(instance.to_string());
+        }
+        Transition::Requeue {
+            hop,
+            provider,
+            run_at,
+        } => {
+            if *hop != job.hop {
+                job.hop_tries = 0;
+            }
+            if *provider != job.provider {
+                job.hops += 1;
+            }
+            job.status = JobStatus::Queued;
+            job.hop = *hop;
+            job.provider = provider.clone();
+            job.run_at = *run_at;
+        }
+    }
+}
+
+/// Provider availability from the database (fresh: this decides where a job goes next).
+async fn unavailable_now(shared: &Shared) -> HashMap<String, i64> {
+    match shared.store.provider_states().await {
+        Ok(states) => {
+            shared.availability.replace(&states);
+            shared.availability.snapshot()
+        }
+        Err(_) => shared.availability.snapshot(),
+    }
+}

@@ -1,0 +1,132 @@
+//! Worker pools: one per provider. A pool leases jobs of its provider within the shared
+//! budgets, runs each call with its lease kept alive, and hands the outcome to the policy.
+//! This is the only place that calls upstreams and the only place that decides retry,
+//! hop, cool-down and completion.
+
+mod call;
+pub mod policy;
+mod pool;
+mod rescuer;
+pub mod streams;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, Settings};
+use crate::providers::Providers;
+use crate::queue::{ProviderState, QueueStore, Signals};
+use crate::telemetry::Telemetry;
+pub use rescuer::refresh;
+pub use streams::{StreamEvent, StreamHub};
+
+/// Everything a pool needs, shared by all pools of one instance.
+pub struct Shared {
+    pub store: Arc<dyn QueueStore>,
+    pub signals: Arc<Signals>,
+    pub providers: Providers,
+    pub config: Arc<Config>,
+    pub settings: Arc<Settings>,
+    pub telemetry: Arc<Telemetry>,
+    pub streams: Arc<StreamHub>,
+    pub availability: Arc<Availability>,
+    /// In-flight calls of this instance, so a cancel can stop one at once.
+    pub running: Mutex<HashMap<String, CancellationToken>>,
+    /// Stops leasing; running calls get the grace period.
+    pub stop_leasing: CancellationToken,
+    /// Aborts running calls (after the grace period).
+    pub abort_calls: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+impl Shared {
+    /// Stops the in-flight call of a job on this instance, if there is one.
+    pub fn abort_call(&self, job_id: &str) {
+        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(token) = running.get(job_id) {
+            token.cancel();
+        }
+    }
+}
+
+/// When providers can take calls again (cool-down or open breaker), as last seen. Used to
+/// route new jobs around unavailable providers; the lease re-checks it in the database.
+#[derive(Default)]
+pub struct Availability {
+    until: RwLock<HashMap<String, i64>>,
+}
+
+impl Availability {
+    pub fn snapshot(&self) -> HashMap<String, i64> {
+        self.until.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn replace(&self, states: &[ProviderState]) {
+        let map = states
+            .iter()
+            .map(|s| {
+                (
+                    s.provider.clone(),
+                    s.cooldown_until.max(s.breaker_open_until),
+                )
+            })
+            .collect();
+        *self.until.write().unwrap_or_else(|e| e.into_inner()) = map;
+    }
+
+    pub fn extend(&self, provider: &str, until: i64) {
+        let mut map = self.until.write().unwrap_or_else(|e| e.into_inner());
+        let e = map.entry(provider.to_string()).or_insert(until);
+        *e = (*e).max(until);
+    }
+}
+
+/// Handle on the running pools.
+pub struct Workers {
+    shared: Arc<Shared>,
+}
+
+impl Workers {
+    /// Starts one pool per provider, the rescuer and the state refresher.
+    pub fn start(shared: Arc<Shared>) -> Self {
+        for name in shared.providers.keys() {
+            let shared2 = shared.clone();
+            let name = name.clone();
+            shared
+                .tracker
+                .spawn(async move { pool::run(shared2, name).await });
+        }
+        let s = shared.clone();
+        shared.tracker.spawn(async move { rescuer::run(s).await });
+        Self { shared }
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Stops leasing, lets running calls finish within `grace`, then aborts the rest and
+    /// gives their jobs back to the queue.
+    pub async fn shutdown(&self, grace: Duration) {
+        let s = &self.shared;
+        s.stop_leasing.cancel();
+        s.tracker.close();
+        if tokio::time::timeout(grace, s.tracker.wait()).await.is_err() {
+            tracing::warn!("grace period over: aborting calls still running");
+            s.abort_calls.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(5), s.tracker.wait()).await;
+        }
+        match s.store.release_leases(&s.settings.instance_id).await {
+            Ok(p) if !p.is_empty() => {
+                tracing::info!(providers = ?p, "gave unfinished jobs back to the queue")
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "could not release leases; they will expire and be rescued")
+            }
+        }
+    }
+}

@@ -1,0 +1,497 @@
+//! What happens after an attempt: succeed, retry on the same provider, hop to the next,
+//! wait out a cool-down, or fail. Pure functions of the attempt's result, the job and
+//! the providers' shared state, so every rule is unit-tested without a network.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rand::Rng;
+
+use crate::providers::ProviderError;
+use crate::queue::{AttemptOutcome, Job, JobError, ProviderEffect, Transition};
+
+/// How the worker sees a failed call.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FailureClass {
+    /// 429: the provider cools down for this long.
+    RateLimited { status: u16, cooldown: Duration },
+    /// 408, 409, 5xx, timeouts, connection errors, unreadable bodies: back off and retry.
+    Retryable { status: Option<u16> },
+    /// Any other upstream 4xx: returned to the caller as is.
+    Fatal { status: u16 },
+    /// The request cannot be expressed for this provider: a 400, not retried.
+    Invalid,
+}
+
+pub fn classify(err: &ProviderError, default_cooldown: Duration) -> FailureClass {
+    match err {
+        ProviderError::Status {
+            status: 429,
+            retry_after,
+            ..
+        } => FailureClass::RateLimited {
+            status: 429,
+            cooldown: retry_after.unwrap_or(default_cooldown),
+        },
+        ProviderError::Status { status, .. } if matches!(status, 408 | 409) || *status >= 500 => {
+            FailureClass::Retryable {
+                status: Some(*status),
+            }
+        }
+        ProviderError::Status { status, .. } if (400..500).contains(status) => {
+            FailureClass::Fatal { status: *status }
+        }
+        // 1xx/3xx or other oddities: treat as a broken upstream.
+        ProviderError::Status { status, .. } => FailureClass::Retryable {
+            status: Some(*status),
+        },
+        ProviderError::Timeout(_) | ProviderError::Network(_) | ProviderError::BadResponse(_) => {
+            FailureClass::Retryable { status: None }
+        }
+        ProviderError::Invalid(_) => FailureClass::Invalid,
+    }
+}
+
+/// What the policy knows besides the failure itself.
+pub struct Context<'a> {
+    pub job: &'a Job,
+    pub now: i64,
+    /// Retries allowed on the current provider before hopping.
+    pub max_retries: u32,
+    /// When each provider of the chain can take calls again (cool-down or open breaker), ms.
+    pub unavailable_until: &'a HashMap<String, i64>,
+    /// Breaker settings of the current provider: (failure threshold, open for ms).
+    pub breaker: Option<(u32, i64)>,
+}
+
+/// The policy's verdict on one attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub outcome: AttemptOutcome,
+    pub transition: Transition,
+    pub effect: ProviderEffect,
+}
+
+/// Delay before retry number `retry` (1-based) on the same provider: exponential with
+/// jitter in [d/2, d], d = 200 ms · 2^(retry−1), capped at 20 s.
+pub fn backoff(retry: i64) -> Duration {
+    let exp = u32::try_from(retry.clamp(1, 10) - 1).unwrap_or(0);
+    let full = (200u64 << exp).min(20_000);
+    let jittered = rand::rng().random_range(full / 2..=full);
+    Duration::from_millis(jittered)
+}
+
+/// Decides after a failed call.
+pub fn on_failure(err: &ProviderError, class: &FailureClass, ctx: &Context<'_>) -> Decision {
+    let job = ctx.job;
+    let failure_effect = ProviderEffect {
+        success: Some(false),
+        breaker: ctx.breaker,
+        ..Default::default()
+    };
+    match class {
+        FailureClass::Invalid => Decision {
+            outcome: AttemptOutcome::Failed,
+            transition: Transition::Fail {
+                error: job_error(400, "invalid_request_error", err.to_string()),
+                partial: None,
+            },
+            effect: ProviderEffect::default(),
+        },
+        FailureClass::Fatal { status } => Decision {
+            outcome: AttemptOutcome::Failed,
+            transition: Transition::Fail {
+                error: job_error(*status, "provider_error", message_of(err)),
+                partial: None,
+            },
+            effect: ProviderEffect::default(),
+        },
+        FailureClass::RateLimited { cooldown, .. } => {
+            let until = ctx.now + i64::try_from(cooldown.as_millis()).unwrap_or(i64::MAX / 2);
+            let mut unavailable = ctx.unavailable_until.clone();
+            let current = unavailable.entry(job.provider.clone()).or_insert(until);
+            *current = (*current).max(until);
+            let effect = ProviderEffect {
+                cooldown_until: Some(until),
+                ..Default::default()
+            };
+            if let Some(hop) = next_available(job, &unavailable, ctx.now) {
+                return requeue(job, hop, ctx.now, AttemptOutcome::Hop, effect);
+            }
+            // Every provider is cooling down: wait for the first to come back, within the deadline.
+            let (hop, at) = earliest(job, &unavailable, ctx.now);
+            if at <= job.deadline_at {
+                return requeue(job, hop, at, AttemptOutcome::Cooldown, effect);
+            }
+            let wait_s = ((at - ctx.now).max(0) + 999) / 1000;
+            Decision {
+                outcome: AttemptOutcome::Failed,
+                transition: Transition::Fail {
+                    error: JobError {
+                        status: 429,
+                        kind: "rate_limit".into(),
+                        message: format!(
+                            "every provider of route {} is cooling down past this request's deadline (last: {})",
+                            job.task,
+                            message_of(err)
+                        ),
+                        code: Some("rate_limited".into()),
+                        retry_after: Some(u64::try_from(wait_s).unwrap_or(0)),
+                    },
+                    partial: None,
+                },
+                effect,
+            }
+        }
+        FailureClass::Retryable { .. } => {
+            let retries_used = job.hop_tries - 1;
+            if retries_used < i64::from(ctx.max_retries) {
+                let at =
+                    ctx.now + i64::try_from(backoff(retries_used + 1).as_millis()).unwrap_or(0);
+                return requeue(job, job.hop, at, AttemptOutcome::Retry, failure_effect);
+            }
+            if let Some(hop) = next_available(job, ctx.unavailable_until, ctx.now) {
+                return requeue(job, hop, ctx.now, AttemptOutcome::Hop, failure_effect);
+            }
+            Decision {
+                outcome: AttemptOutcome::Failed,
+                transition: Transition::Fail {
+                    error: job_error(502, "provider_server_error", message_of(err)),
+                    partial: None,
+                },
+                effect: failure_effect,
+            }
+        }
+    }
+}
+
+/// Decides after a successful call.
+pub fn on_success(
+    result: String,
+    usage_prompt: Option<i64>,
+    usage_completion: Option<i64>,
+) -> Decision {
+    Decision {
+        outcome: AttemptOutcome::Ok,
+        transition: Transition::Succeed {
+            result,
+            usage_prompt,
+            usage_completion,
+        },
+        effect: ProviderEffect {
+            success: Some(true),
+            ..Default::default()
+        },
+    }
+}
+
+/// The first provider after the current one that can take calls now.
+pub fn next_available(
+    job: &Job,
+    unavailable_until: &HashMap<String, i64>,
+    now: i64,
+) -> Option<usize> {
+    (job.hop + 1..job.chain.len()).find(|&i| {
+        unavailable_until
+            .get(&job.chain[i])
+            .is_none_or(|&t| t <= now)
+    })
+}
+
+/// The provider of the chain that becomes available first, and when.
+pub fn earliest(job: &Job, unavailable_until: &HashMap<String, i64>, now: i64) -> (usize, i64) {
+    first_available(&job.chain, unavailable_until, now)
+}
+
+/// Where a new job starts: the first provider of the chain that is available, else the
+/// one that becomes available first, with that moment.
+pub fn first_available(
+    chain: &[String],
+    unavailable_until: &HashMap<String, i64>,
+    now: i64,
+) -> (usize, i64) {
+    let mut best = (0, i64::MAX);
+    for (i, p) in chain.iter().enumerate() {
+        let at = unavailable_until.get(p).copied().unwrap_or(now).max(now);
+        if at == now {
+            return (i, now);
+        }
+        if at < best.1 {
+            best = (i, at);
+        }
+    }
+    best
+}
+
+fn requeue(
+    job: &Job,
+    hop: usize,
+    run_at: i64,
+    outcome: AttemptOutcome,
+    effect: ProviderEffect,
+) -> Decision {
+    Decision {
+        outcome,
+        transition: Transition::Requeue {
+            hop,
+            provider: job.chain[hop].clone(),
+            run_at,
+        },
+        effect,
+    }
+}
+
+fn job_error(status: u16, kind: &str, message: String) -> JobError {
+    JobError {
+        status,
+        kind: kind.into(),
+        message,
+        code: None,
+        retry_after: None,
+    }
+}
+
+/// The upstream's own words where there are some, else the error's description.
+fn message_of(err: &ProviderError) -> String {
+    match err {
+        ProviderError::Status {
+            status, message, ..
+        } => format!("{status}: {message}"),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::JobStatus;
+
+    fn job(chain: &[&str], hop: usize, hop_tries: i64) -> Job {
+        Job {
+            id: "j".into(),
+            task: "PLAN".into(),
+            status: JobStatus::Running,
+            priority: 0,
+            chain: chain.iter().map(|s| s.to_string()).collect(),
+            hop,
+            provider: chain[hop].to_string(),
+            request: "{}".into(),
+            stream: false,
+            caller: None,
+            idempotency_key: None,
+            pinned_instance: None,
+            run_at: 0,
+            deadline_at: 100_000,
+            lease_owner: Some("me".into()),
+            lease_expires_at: Some(30_000),
+            hop_tries,
+            attempt_count: hop_tries,
+            created_at: 0,
+            started_at: Some(0),
+            finished_at: None,
+            status_code: None,
+            result: None,
+            error: None,
+            usage_prompt: None,
+            usage_completion: None,
+            batch_id: None,
+            custom_id: None,
+            finished_by: None,
+            hops: 0,
+        }
+    }
+
+    fn decide(err: ProviderError, job: &Job, unavailable: &HashMap<String, i64>) -> Decision {
+        let class = classify(&err, Duration::from_secs(30));
+        let ctx = Context {
+            job,
+            now: 1_000,
+            max_retries: 2,
+            unavailable_until: unavailable,
+            breaker: None,
+        };
+        on_failure(&err, &class, &ctx)
+    }
+
+    fn status(code: u16, retry_after: Option<u64>) -> ProviderError {
+        ProviderError::Status {
+            status: code,
+            message: "boom".into(),
+            retry_after: retry_after.map(Duration::from_secs),
+        }
+    }
+
+    #[test]
+    fn classification_follows_the_contract() {
+        let d = Duration::from_secs(30);
+        for code in [408, 409, 500, 502, 503, 529] {
+            assert!(
+                matches!(
+                    classify(&status(code, None), d),
+                    FailureClass::Retryable { .. }
+                ),
+                "{code}"
+            );
+        }
+        for code in [400, 401, 403, 404, 422] {
+            assert_eq!(
+                classify(&status(code, None), d),
+                FailureClass::Fatal { status: code }
+            );
+        }
+        assert_eq!(
+            classify(&status(429, Some(7)), d),
+            FailureClass::RateLimited {
+                status: 429,
+                cooldown: Duration::from_secs(7)
+            }
+        );
+        assert_eq!(
+            classify(&status(429, None), d),
+            FailureClass::RateLimited {
+                status: 429,
+                cooldown: d
+            }
+        );
+        assert!(matches!(
+            classify(&ProviderError::Timeout(d), d),
+            FailureClass::Retryable { status: None }
+        ));
+        assert!(matches!(
+            classify(&ProviderError::BadResponse("x".into()), d),
+            FailureClass::Retryable { .. }
+        ));
+    }
+
+    #[test]
+    fn server_errors_retry_then_hop_then_fail() {
+        let none = HashMap::new();
+        let d = decide(status(503, None), &job(&["a", "b"], 0, 1), &none);
+        assert_eq!(d.outcome, AttemptOutcome::Retry);
+        let Transition::Requeue { hop, run_at, .. } = d.transition else {
+            panic!()
+        };
+        assert_eq!(hop, 0);
+        assert!((1_100..=1_200).contains(&run_at), "{run_at}");
+
+        let d = decide(status(503, None), &job(&["a", "b"], 0, 3), &none);
+        assert_eq!(d.outcome, AttemptOutcome::Hop);
+        assert_eq!(
+            d.transition,
+            Transition::Requeue {
+                hop: 1,
+                provider: "b".into(),
+                run_at: 1_000
+            }
+        );
+
+        let d = decide(status(503, None), &job(&["a", "b"], 1, 3), &none);
+        let Transition::Fail { error, .. } = d.transition else {
+            panic!()
+        };
+        assert_eq!(
+            (error.status, error.kind.as_str()),
+            (502, "provider_server_error")
+        );
+        assert!(error.message.contains("boom"));
+    }
+
+    #[test]
+    fn other_4xx_fail_at_once_with_their_status() {
+        let d = decide(status(404, None), &job(&["a", "b"], 0, 1), &HashMap::new());
+        let Transition::Fail { error, .. } = d.transition else {
+            panic!()
+        };
+        assert_eq!((error.status, error.kind.as_str()), (404, "provider_error"));
+    }
+
+    #[test]
+    fn rate_limit_hops_at_once_and_cools_down() {
+        let d = decide(
+            status(429, Some(5)),
+            &job(&["a", "b"], 0, 1),
+            &HashMap::new(),
+        );
+        assert_eq!(d.outcome, AttemptOutcome::Hop);
+        assert_eq!(d.effect.cooldown_until, Some(6_000));
+        assert_eq!(
+            d.transition,
+            Transition::Requeue {
+                hop: 1,
+                provider: "b".into(),
+                run_at: 1_000
+            }
+        );
+    }
+
+    #[test]
+    fn rate_limit_on_the_last_hop_waits_within_the_deadline() {
+        let d = decide(status(429, Some(5)), &job(&["a"], 0, 1), &HashMap::new());
+        assert_eq!(d.outcome, AttemptOutcome::Cooldown);
+        assert_eq!(
+            d.transition,
+            Transition::Requeue {
+                hop: 0,
+                provider: "a".into(),
+                run_at: 6_000
+            }
+        );
+    }
+
+    #[test]
+    fn rate_limit_past_the_deadline_fails_with_retry_after() {
+        let d = decide(status(429, Some(500)), &job(&["a"], 0, 1), &HashMap::new());
+        let Transition::Fail { error, .. } = d.transition else {
+            panic!()
+        };
+        assert_eq!(
+            (error.status, error.kind.as_str(), error.retry_after),
+            (429, "rate_limit", Some(500))
+        );
+    }
+
+    #[test]
+    fn waiting_picks_the_provider_that_returns_first() {
+        let mut unavailable = HashMap::new();
+        unavailable.insert("a".to_string(), 3_000);
+        let d = decide(status(429, Some(60)), &job(&["a", "b"], 1, 1), &unavailable);
+        assert_eq!(
+            d.transition,
+            Transition::Requeue {
+                hop: 0,
+                provider: "a".into(),
+                run_at: 3_000
+            }
+        );
+    }
+
+    #[test]
+    fn hops_skip_providers_that_are_unavailable() {
+        let mut unavailable = HashMap::new();
+        unavailable.insert("b".to_string(), 50_000);
+        let d = decide(
+            status(500, None),
+            &job(&["a", "b", "c"], 0, 3),
+            &unavailable,
+        );
+        assert_eq!(
+            d.transition,
+            Transition::Requeue {
+                hop: 2,
+                provider: "c".into(),
+                run_at: 1_000
+            }
+        );
+    }
+
+    #[test]
+    fn backoff_grows_with_jitter_and_a_cap() {
+        for _ in 0..50 {
+            let b1 = backoff(1).as_millis();
+            assert!((100..=200).contains(&b1), "{b1}");
+            let b3 = backoff(3).as_millis();
+            assert!((400..=800).contains(&b3), "{b3}");
+            assert!(backoff(30).as_millis() <= 20_000);
+        }
+    }
+}

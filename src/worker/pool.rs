@@ -1,0 +1,92 @@
+//! The lease loop of one provider's pool.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use super::{Shared, call};
+use crate::queue::{Blocked, Budget, LeaseRequest};
+
+/// The safety net: a pool looks at the queue at least this often even with no signal.
+const POLL: Duration = Duration::from_secs(1);
+
+pub async fn run(shared: Arc<Shared>, name: String) {
+    let Some(provider) = shared.providers.get(&name).cloned() else {
+        return;
+    };
+    let cfg = provider.config().clone();
+    let notify = shared.signals.pool(&name);
+    // Local cap: never hold more leases than the global concurrency allows.
+    let slots = Arc::new(Semaphore::new(cfg.concurrency as usize));
+    let budget = Budget {
+        rpm: cfg.rpm,
+        concurrency: cfg.concurrency,
+        tpm: cfg.tpm,
+    };
+    let lease_ms = i64::try_from(shared.settings.lease.as_millis()).unwrap_or(30_000);
+    tracing::debug!(provider = %name, "pool started");
+
+    while !shared.stop_leasing.is_cancelled() {
+        let free = slots.available_permits();
+        if free == 0 {
+            nap(&notify, &shared.stop_leasing, POLL, true).await;
+            continue;
+        }
+        let req = LeaseRequest {
+            provider: name.clone(),
+            model: cfg.model.clone(),
+            instance: shared.settings.instance_id.clone(),
+            lease_ms,
+            max_jobs: u32::try_from(free).unwrap_or(u32::MAX),
+            budget,
+        };
+        let lease = match shared.store.lease(&req).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(provider = %name, error = %e, "lease failed; retrying");
+                nap(&notify, &shared.stop_leasing, POLL, false).await;
+                continue;
+            }
+        };
+        if !lease.jobs.is_empty() {
+            for leased in lease.jobs {
+                let Ok(permit) = slots.clone().try_acquire_owned() else {
+                    // Cannot happen (we asked for at most `free`); the lease expires and is rescued.
+                    tracing::error!(job_id = %leased.job.id, "no free slot for a leased job");
+                    continue;
+                };
+                let shared2 = shared.clone();
+                let provider = provider.clone();
+                shared.tracker.spawn(async move {
+                    call::run(shared2, provider, leased).await;
+                    drop(permit);
+                });
+            }
+            continue;
+        }
+        let now = chrono::Utc::now().timestamp_millis();
+        let until = |t: i64| Duration::from_millis(u64::try_from(t - now).unwrap_or(0).max(1));
+        match lease.blocked {
+            // Time-based blocks: new work cannot change them, so don't wake for it.
+            Some(
+                Blocked::Cooldown(t) | Blocked::Breaker(t) | Blocked::Rpm(t) | Blocked::Tpm(t),
+            ) => nap(&notify, &shared.stop_leasing, until(t).min(POLL * 5), false).await,
+            Some(Blocked::Concurrency) => nap(&notify, &shared.stop_leasing, POLL, true).await,
+            None => {
+                let wait = lease.next_due_at.map_or(POLL, |t| until(t).min(POLL));
+                nap(&notify, &shared.stop_leasing, wait, true).await
+            }
+        }
+    }
+    tracing::debug!(provider = %name, "pool stopped leasing");
+}
+
+async fn nap(notify: &Notify, stop: &CancellationToken, dur: Duration, wake_on_signal: bool) {
+    tokio::select! {
+        _ = tokio::time::sleep(dur) => {}
+        _ = notify.notified(), if wake_on_signal => {}
+        _ = stop.cancelled() => {}
+    }
+}

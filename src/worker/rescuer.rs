@@ -1,0 +1,46 @@
+//! Background upkeep of one instance: re-queues jobs whose lease expired (their instance
+//! died), and refreshes what this instance knows of shared state (provider availability,
+//! queue depths) so that the request path never has to ask the database for it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::Shared;
+use crate::queue::RescueScope;
+
+pub async fn run(shared: Arc<Shared>) {
+    let every =
+        (shared.settings.lease / 3).clamp(Duration::from_millis(250), Duration::from_secs(5));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shared.stop_leasing.cancelled() => return,
+        }
+        match shared.store.rescue(RescueScope::Expired).await {
+            Ok(providers) => {
+                for p in &providers {
+                    tracing::warn!(provider = %p, "re-queued jobs whose lease expired");
+                    shared.signals.wake_pool(p);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "rescuer could not reach the database"),
+        }
+        refresh(&shared).await;
+    }
+}
+
+/// Reads provider availability and queue depths into memory.
+pub async fn refresh(shared: &Shared) {
+    if let Ok(states) = shared.store.provider_states().await {
+        shared.availability.replace(&states);
+        shared.telemetry.provider_states(&states);
+    }
+    if let Ok(depths) = shared.store.queue_depths().await {
+        shared.telemetry.queue_depths(&depths);
+    }
+    if let Ok(running) = shared.store.running_counts().await {
+        shared.telemetry.running_counts(&running);
+    }
+}

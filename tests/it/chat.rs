@@ -1,0 +1,160 @@
+//! The synchronous and asynchronous chat path through the queue.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::support::*;
+
+async fn one_fake() -> (FakeOpenAi, TestApp) {
+    let fake = FakeOpenAi::start().await;
+    let app = spawn_app(Options::new(
+        openai_provider("up", &fake.base_url(), "rpm = 1000\nconcurrency = 8"),
+        router_yaml(&["up"], ""),
+    ))
+    .await;
+    (fake, app)
+}
+
+#[tokio::test]
+async fn answers_like_openai_with_job_headers() {
+    let (fake, app) = one_fake().await;
+    let resp = app.chat(json!({"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"50256": -100}, "x_custom": 1})).await;
+    assert_eq!(resp.status(), 200);
+    let id = resp.headers()["x-orch-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(resp.headers()["x-orch-provider"], "up");
+    assert_eq!(resp.headers()["x-orch-fallback-attempts"], "0");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], "fake:hi");
+    assert_eq!(body["usage"]["total_tokens"], 10);
+    // The upstream got the provider's model, the defaults, and unknown fields untouched.
+    let call = &fake.calls()[0];
+    assert_eq!(call.body["model"], "m-up");
+    assert_eq!(call.body["temperature"], 0.2);
+    assert_eq!(call.body["max_tokens"], 256);
+    assert_eq!(call.body["logit_bias"]["50256"], -100);
+    assert_eq!(call.body["x_custom"], 1);
+    // The job record holds the attempt.
+    let job: Value = app
+        .get(&format!("/v1/jobs/{id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(job["status"], "succeeded");
+    assert_eq!(job["object"], "orch.job");
+    assert_eq!(job["attempts"].as_array().unwrap().len(), 1);
+    assert_eq!(job["attempts"][0]["outcome"], "ok");
+    assert_eq!(job["attempts"][0]["status_code"], 200);
+    assert_eq!(job["result"]["choices"][0]["message"]["content"], "fake:hi");
+}
+
+#[tokio::test]
+async fn async_jobs_answer_202_and_can_be_polled() {
+    let (fake, app) = one_fake().await;
+    fake.set_latency(Duration::from_millis(200));
+    let resp = app
+        .chat_with(user("later"), &[("x-orch-async", "true")])
+        .await;
+    assert_eq!(resp.status(), 202);
+    let loc = resp.headers()["location"].to_str().unwrap().to_string();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["status"], "queued");
+    assert_eq!(loc, format!("/v1/jobs/{}", body["id"].as_str().unwrap()));
+    let job = app
+        .wait_job(body["id"].as_str().unwrap(), Duration::from_secs(10))
+        .await;
+    assert_eq!(job["status"], "succeeded");
+    assert_eq!(
+        job["result"]["choices"][0]["message"]["content"],
+        "fake:later"
+    );
+}
+
+#[tokio::test]
+async fn idempotency_key_returns_the_same_job_without_a_second_call() {
+    let (fake, app) = one_fake().await;
+    let h = [("idempotency-key", "abc-1")];
+    let a = app.chat_with(user("once"), &h).await;
+    let id_a = a.headers()["x-orch-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let a: Value = a.json().await.unwrap();
+    let b = app.chat_with(user("once"), &h).await;
+    assert_eq!(b.status(), 200);
+    assert_eq!(b.headers()["x-orch-request-id"].to_str().unwrap(), id_a);
+    let b: Value = b.json().await.unwrap();
+    assert_eq!(a, b);
+    assert_eq!(fake.call_count(), 1);
+    // Concurrent repeats while the first is running also share it.
+    fake.set_latency(Duration::from_millis(300));
+    let h2 = [("idempotency-key", "abc-2")];
+    let (x, y) = tokio::join!(
+        app.chat_with(user("twice"), &h2),
+        app.chat_with(user("twice"), &h2)
+    );
+    assert_eq!(
+        x.headers()["x-orch-request-id"],
+        y.headers()["x-orch-request-id"]
+    );
+    assert_eq!(fake.call_count(), 2);
+}
+
+#[tokio::test]
+async fn cancel_a_queued_job() {
+    let fake = FakeOpenAi::start().await;
+    // rpm 1: the second job must wait a minute, so it is still queued when cancelled.
+    let app = spawn_app(Options::new(
+        openai_provider("up", &fake.base_url(), "rpm = 1\nconcurrency = 1"),
+        router_yaml(&["up"], ""),
+    ))
+    .await;
+    assert_eq!(app.chat(user("first")).await.status(), 200);
+    let resp = app
+        .chat_with(user("second"), &[("x-orch-async", "true")])
+        .await;
+    let id = resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let cancelled: Value = app
+        .post(&format!("/v1/jobs/{id}/cancel"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(cancelled["status"], "cancelled");
+    let job: Value = app
+        .get(&format!("/v1/jobs/{id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(job["status"], "cancelled");
+    assert_eq!(fake.call_count(), 1);
+    assert_eq!(app.get("/v1/jobs/job_nope").await.status(), 404);
+}
+
+#[tokio::test]
+async fn models_and_healthz() {
+    let (_fake, app) = one_fake().await;
+    let models: Value = app.get("/v1/models").await.json().await.unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert!(ids.contains(&"DEFAULT") && ids.contains(&"up"), "{ids:?}");
+    assert_eq!(models["data"][0]["object"], "model");
+    let health = app.get("/healthz").await;
+    assert_eq!(health.status(), 200);
+    let health: Value = health.json().await.unwrap();
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["db"], "ok");
+    assert_eq!(health["providers"], json!(["up"]));
+}

@@ -4,6 +4,10 @@
 //! within budgets shared through the database, call the upstream, and record every
 //! attempt; the HTTP handler only inserts, waits and renders. See DESIGN.md.
 
+// `ApiError` carries the whole OpenAI error body; it is built only on the failure path,
+// where its size costs nothing measurable, and boxing it would clutter every handler.
+#![allow(clippy::result_large_err)]
+
 pub mod api;
 pub mod config;
 pub mod export;
@@ -69,6 +73,7 @@ impl App {
             DatabaseUrl::Sqlite(_) => RescueScope::All,
             DatabaseUrl::Postgres(_) => RescueScope::Owner(&settings.instance_id),
         };
+        store.heartbeat(&settings.instance_id).await?;
         let rescued = store.rescue(scope).await?;
         if !rescued.is_empty() {
             tracing::warn!(providers = ?rescued, "re-queued jobs left running by a previous process");
@@ -107,6 +112,9 @@ impl App {
             tracker: TaskTracker::new(),
         });
         worker::refresh(&shared).await;
+        shared
+            .store
+            .start_listener(shared.signals.clone(), shared.stop_leasing.clone());
         let workers = Workers::start(shared.clone());
         let state = Arc::new(api::AppInner {
             shared,

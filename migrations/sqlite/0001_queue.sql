@@ -29,7 +29,8 @@ CREATE TABLE jobs (
     usage_completion INTEGER,
     batch_id         TEXT,
     custom_id        TEXT,
-    finished_by      TEXT
+    finished_by      TEXT,
+    metrics_written  INTEGER NOT NULL DEFAULT 0 -- 1 once its JSONL line is on disk
 );
 
 -- The lease query: oldest due job of one provider, interactive first.
@@ -39,6 +40,8 @@ CREATE INDEX jobs_running ON jobs (provider, lease_expires_at) WHERE status = 'r
 CREATE UNIQUE INDEX jobs_idempotency ON jobs (caller, idempotency_key) WHERE idempotency_key IS NOT NULL;
 CREATE INDEX jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;
 CREATE INDEX jobs_batch ON jobs (batch_id) WHERE batch_id IS NOT NULL;
+-- Finished jobs whose metrics line is not confirmed on disk (written after a crash).
+CREATE INDEX jobs_metrics_pending ON jobs (finished_at) WHERE metrics_written = 0 AND finished_at IS NOT NULL;
 
 CREATE TABLE attempts (
     job_id      TEXT NOT NULL,
@@ -63,4 +66,11 @@ CREATE TABLE provider_state (
     cooldown_until       INTEGER NOT NULL DEFAULT 0,
     consecutive_failures INTEGER NOT NULL DEFAULT 0,
     breaker_open_until   INTEGER NOT NULL DEFAULT 0
+);
+
+-- Instances that share the database, with their last heartbeat.
+CREATE TABLE instances (
+    id           TEXT PRIMARY KEY NOT NULL,
+    started_at   INTEGER NOT NULL,
+    heartbeat_at INTEGER NOT NULL
 );

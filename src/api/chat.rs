@@ -205,10 +205,9 @@ async fn accept(
         .headers()
         .get(super::HDR_PROVIDER)
         .and_then(|v| v.to_str().ok())
+        && resp.status().is_success()
     {
-        if resp.status().is_success() {
-            app.router.served(route, sticky_key, p);
-        }
+        app.router.served(route, sticky_key, p);
     }
     Ok(resp)
 }
@@ -446,11 +445,10 @@ fn sse_events(
                             Ok(job) => s.phase = Phase::Draining(job),
                             Err(()) => {
                                 // Safety poll: the job may have ended without a local signal.
-                                if let Ok(Some(job)) = s.app.shared.store.get_job(&s.job_id).await {
-                                    if job.status.is_terminal() {
+                                if let Ok(Some(job)) = s.app.shared.store.get_job(&s.job_id).await
+                                    && job.status.is_terminal() {
                                         s.phase = Phase::Draining(Some(Arc::new(job)));
                                     }
-                                }
                             }
                         },
                     }

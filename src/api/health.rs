@@ -18,12 +18,19 @@ pub async fn healthz(State(app): State<AppState>) -> Response {
         Ok(Ok(()))
     );
     let settings = &shared.settings;
+    let live_since = chrono::Utc::now().timestamp_millis() - 3 * settings.lease.as_millis() as i64;
+    let instances = if db_ok {
+        shared.store.instances(live_since).await.unwrap_or_default()
+    } else {
+        vec![]
+    };
     let body = json!({
         "status": if db_ok { "ok" } else { "degraded" },
         "db": if db_ok { "ok" } else { "unreachable" },
         "backend": shared.store.backend(),
         "instance": settings.instance_id,
         "providers": shared.providers.keys().collect::<Vec<_>>(),
+        "instances": instances,
         "planner": {
             "last_reload_at": app.config_loaded_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             "watch": [settings.providers_file().display().to_string(), settings.router_file().display().to_string()],

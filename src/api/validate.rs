@@ -178,10 +178,10 @@ fn check_messages(messages: Option<&Value>) -> Result<(), ApiError> {
 
 /// Fills what the request omits from the router's defaults.
 pub fn apply_defaults(body: &mut Map<String, Value>, d: &Defaults) {
-    if let Some(t) = d.temperature {
-        if body.get("temperature").is_none_or(Value::is_null) {
-            body.insert("temperature".into(), Value::from(t));
-        }
+    if let Some(t) = d.temperature
+        && body.get("temperature").is_none_or(Value::is_null)
+    {
+        body.insert("temperature".into(), Value::from(t));
     }
     if let Some(m) = d.max_tokens {
         let has_limit = ["max_tokens", "max_completion_tokens"]

@@ -132,12 +132,12 @@ pub fn parse(
         }
         other => other.map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
     };
-    if let Some(t) = raw.defaults.temperature {
-        if !(0.0..=2.0).contains(&t) {
-            problems.push(format!(
-                "{f}: defaults.temperature: must be between 0 and 2, got {t}"
-            ));
-        }
+    if let Some(t) = raw.defaults.temperature
+        && !(0.0..=2.0).contains(&t)
+    {
+        problems.push(format!(
+            "{f}: defaults.temperature: must be between 0 and 2, got {t}"
+        ));
     }
     let task_header = raw
         .defaults

@@ -93,8 +93,7 @@ impl Provider for Dummy {
             None,
         )];
         // Word by word, so a stream looks like one.
-        let mut words = text.split_inclusive(' ').peekable();
-        while let Some(w) = words.next() {
+        for w in text.split_inclusive(' ') {
             chunks.push(chunk(json!({"content": w}), Value::Null, None));
         }
         chunks.push(chunk(json!({}), json!("stop"), None));

@@ -11,7 +11,10 @@ pub mod row;
 pub mod signals;
 pub mod sqlite;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
 
 pub use model::*;
 pub use signals::Signals;
@@ -104,4 +107,24 @@ pub trait QueueStore: Send + Sync + 'static {
 
     /// Cheap round trip for `/healthz`.
     async fn ping(&self) -> StoreResult<()>;
+
+    /// Records that `instance` is alive (inserting it on first call).
+    async fn heartbeat(&self, instance: &str) -> StoreResult<()>;
+
+    /// Instances whose last heartbeat is newer than `since_ms`.
+    async fn instances(&self, since_ms: i64) -> StoreResult<Vec<InstanceInfo>>;
+
+    /// Finished jobs finished before `before_ms` whose JSONL line is not confirmed written.
+    async fn unwritten_metrics(&self, before_ms: i64, limit: i64) -> StoreResult<Vec<Job>>;
+
+    /// Confirms that these jobs' JSONL lines are on disk.
+    async fn mark_metrics_written(&self, ids: &[String]) -> StoreResult<()>;
+
+    /// Deletes up to `limit` jobs finished before `before_ms`, with their attempts.
+    /// Returns how many jobs were deleted.
+    async fn purge_finished(&self, before_ms: i64, limit: i64) -> StoreResult<u64>;
+
+    /// Starts delivering other instances' wake-ups ("job queued for P", "job J finished")
+    /// into `signals` until `stop`. Backends without other instances do nothing.
+    fn start_listener(&self, _signals: Arc<Signals>, _stop: CancellationToken) {}
 }

@@ -300,3 +300,11 @@ pub struct ProviderState {
     pub consecutive_failures: i64,
     pub breaker_open_until: i64,
 }
+
+/// An instance sharing the database.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct InstanceInfo {
+    pub id: String,
+    pub started_at: i64,
+    pub heartbeat_at: i64,
+}

@@ -287,13 +287,13 @@ impl QueueStore for SqliteStore {
                 ..Lease::default()
             });
         }
-        if let Some(tpm) = req.budget.tpm {
-            if tokens >= i64::from(tpm) {
-                return Ok(Lease {
-                    blocked: Some(Blocked::Tpm(window_frees_at)),
-                    ..Lease::default()
-                });
-            }
+        if let Some(tpm) = req.budget.tpm
+            && tokens >= i64::from(tpm)
+        {
+            return Ok(Lease {
+                blocked: Some(Blocked::Tpm(window_frees_at)),
+                ..Lease::default()
+            });
         }
         let limit = free_slots.min(rpm_left).min(i64::from(req.max_jobs.max(1)));
         let rows: Vec<JobRow> = sqlx::query_as(concat!("SELECT ", job_columns!(), " FROM jobs WHERE provider = ?1 AND status = 'queued' AND run_at <= ?2 \
@@ -565,6 +565,90 @@ impl QueueStore for SqliteStore {
     async fn ping(&self) -> StoreResult<()> {
         sqlx::query("SELECT 1").execute(&self.readers).await?;
         Ok(())
+    }
+
+    async fn heartbeat(&self, instance: &str) -> StoreResult<()> {
+        let now = now_ms();
+        let mut conn = self.writer.lock().await;
+        sqlx::query(
+            "INSERT INTO instances (id, started_at, heartbeat_at) VALUES (?1, ?2, ?2) \
+             ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+        )
+        .bind(instance)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+
+    async fn instances(&self, since_ms: i64) -> StoreResult<Vec<InstanceInfo>> {
+        let rows: Vec<(String, i64, i64)> =
+            sqlx::query_as("SELECT id, started_at, heartbeat_at FROM instances WHERE heartbeat_at > ?1 ORDER BY id")
+                .bind(since_ms)
+                .fetch_all(&self.readers)
+                .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, started_at, heartbeat_at)| InstanceInfo {
+                id,
+                started_at,
+                heartbeat_at,
+            })
+            .collect())
+    }
+
+    async fn unwritten_metrics(&self, before_ms: i64, limit: i64) -> StoreResult<Vec<Job>> {
+        let rows: Vec<JobRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            job_columns!(),
+            " FROM jobs WHERE metrics_written = 0 AND finished_at IS NOT NULL AND finished_at < ?1 \
+             ORDER BY finished_at LIMIT ?2"
+        ))
+        .bind(before_ms)
+        .bind(limit)
+        .fetch_all(&self.readers)
+        .await?;
+        rows.into_iter().map(Job::try_from).collect()
+    }
+
+    async fn mark_metrics_written(&self, ids: &[String]) -> StoreResult<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.writer.lock().await;
+        let mut tx = conn.begin().await?;
+        for id in ids {
+            sqlx::query("UPDATE jobs SET metrics_written = 1 WHERE id = ?1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn purge_finished(&self, before_ms: i64, limit: i64) -> StoreResult<u64> {
+        let mut conn = self.writer.lock().await;
+        let mut tx = conn.begin().await?;
+        let ids: Vec<(String,)> = sqlx::query_as(
+            "SELECT id FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ?1 ORDER BY finished_at LIMIT ?2",
+        )
+        .bind(before_ms)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        for (id,) in &ids {
+            sqlx::query("DELETE FROM attempts WHERE job_id = ?1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("DELETE FROM jobs WHERE id = ?1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(ids.len() as u64)
     }
 }
 

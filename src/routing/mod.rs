@@ -40,10 +40,8 @@ impl Router {
         let by_route = task_header.is_some_and(|t| routes.contains_key(t.trim()))
             || model.is_some_and(|m| routes.contains_key(m));
         let route = self.resolve(task_header, model);
-        if !by_route {
-            if let Some(p) = model.filter(|m| self.providers.iter().any(|p| p == m)) {
-                return (route, vec![p.to_string()]);
-            }
+        if !by_route && let Some(p) = model.filter(|m| self.providers.iter().any(|p| p == m)) {
+            return (route, vec![p.to_string()]);
         }
         (route, self.chain(route, sticky_key))
     }
@@ -93,13 +91,12 @@ impl Router {
             Strategy::Sticky => {
                 if let Some(key) = sticky_key {
                     let map = self.sticky.lock().unwrap_or_else(|e| e.into_inner());
-                    if let Some((p, until)) = map.get(&(route.name.clone(), key.to_string())) {
-                        if *until > Instant::now() {
-                            if let Some(idx) = order.iter().position(|x| x == p) {
-                                let chosen = order.remove(idx);
-                                order.insert(0, chosen);
-                            }
-                        }
+                    if let Some((p, until)) = map.get(&(route.name.clone(), key.to_string()))
+                        && *until > Instant::now()
+                        && let Some(idx) = order.iter().position(|x| x == p)
+                    {
+                        let chosen = order.remove(idx);
+                        order.insert(0, chosen);
                     }
                 }
             }

@@ -94,11 +94,11 @@ fn writer_loop(dir: &Path, mut rx: mpsc::UnboundedReceiver<Msg>) {
     while let Some(msg) = rx.blocking_recv() {
         match msg {
             Msg::Line { file, text } => {
-                if let Err(e) = append(dir, &file, &text) {
-                    if !warned {
-                        tracing::error!(error = %e, dir = %dir.display(), "cannot write JSONL metrics");
-                        warned = true;
-                    }
+                if let Err(e) = append(dir, &file, &text)
+                    && !warned
+                {
+                    tracing::error!(error = %e, dir = %dir.display(), "cannot write JSONL metrics");
+                    warned = true;
                 }
             }
             Msg::Flush(done) => {

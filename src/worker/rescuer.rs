@@ -18,6 +18,9 @@ pub async fn run(shared: Arc<Shared>) {
             _ = tick.tick() => {}
             _ = shared.stop_leasing.cancelled() => return,
         }
+        if let Err(e) = shared.store.heartbeat(&shared.settings.instance_id).await {
+            tracing::warn!(error = %e, "heartbeat failed");
+        }
         match shared.store.rescue(RescueScope::Expired).await {
             Ok(providers) => {
                 for p in &providers {

@@ -15,7 +15,7 @@ use llm_orch::config::Settings;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-pub use fake_openai::{FakeOpenAi, Reply};
+pub use fake_openai::FakeOpenAi;
 
 /// A providers.toml table for an OpenAI-compatible fake.
 pub fn openai_provider(name: &str, base_url: &str, extra: &str) -> String {
@@ -236,10 +236,10 @@ impl Binary {
         let end = Instant::now() + within;
         let http = reqwest::Client::new();
         while Instant::now() < end {
-            if let Ok(r) = http.get(format!("{}/healthz", self.url)).send().await {
-                if r.status().is_success() {
-                    return;
-                }
+            if let Ok(r) = http.get(format!("{}/healthz", self.url)).send().await
+                && r.status().is_success()
+            {
+                return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -52,19 +52,19 @@ impl Config {
         let mut problems = Vec::new();
         let providers_text = read(&providers_path).map_err(|e| problems.push(e)).ok();
         let router_text = read(&router_path).map_err(|e| problems.push(e)).ok();
+        // The table names, even when a table is invalid, so routes are judged against them.
+        let table_names: Option<BTreeSet<String>> = providers_text
+            .as_deref()
+            .and_then(|t| t.parse::<toml::Table>().ok())
+            .map(|t| t.keys().cloned().collect());
         let providers = providers_text.and_then(|t| {
             providers::parse(&providers_path, &t)
                 .map_err(|p| problems.extend(p))
                 .ok()
         });
-        let names: BTreeSet<String> = providers.iter().flat_map(|p| p.keys().cloned()).collect();
         let router = router_text.and_then(|t| {
-            // Without a valid providers file every route would be "unknown provider": skip that noise.
-            let known = if providers.is_some() {
-                names.clone()
-            } else {
-                all_names(&t)
-            };
+            // If the providers file cannot even be read as TOML, do not call every route unknown.
+            let known = table_names.clone().unwrap_or_else(|| all_names(&t));
             router::parse(&router_path, &t, &known)
                 .map_err(|p| problems.extend(p))
                 .ok()

@@ -40,6 +40,11 @@ impl JobStatus {
     }
 }
 
+/// The rpm/tpm window. An upstream counts calls when they arrive, a little after we start
+/// them (connection set-up, TLS): the window is held 500 ms longer than a minute so the
+/// upstream never sees more than `rpm` calls in any 60 s of its own.
+pub const RATE_WINDOW_MS: i64 = 60_500;
+
 /// Interactive requests are leased before batch lines under the same budgets.
 pub const PRIORITY_INTERACTIVE: i64 = 0;
 pub const PRIORITY_BATCH: i64 = 10;

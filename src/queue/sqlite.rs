@@ -270,7 +270,7 @@ impl QueueStore for SqliteStore {
                 ..Lease::default()
             });
         }
-        let window_start = now - 60_000;
+        let window_start = now - RATE_WINDOW_MS;
         let (started, oldest, tokens): (i64, Option<i64>, i64) = sqlx::query_as(
             "SELECT COUNT(*), MIN(started_at), COALESCE(SUM(tokens), 0) FROM attempts \
              WHERE provider = ?1 AND started_at > ?2",
@@ -279,7 +279,7 @@ impl QueueStore for SqliteStore {
         .bind(window_start)
         .fetch_one(&mut *tx)
         .await?;
-        let window_frees_at = oldest.unwrap_or(now) + 60_000 + 1;
+        let window_frees_at = oldest.unwrap_or(now) + RATE_WINDOW_MS + 1;
         let rpm_left = i64::from(req.budget.rpm) - started;
         if rpm_left <= 0 {
             return Ok(Lease {

@@ -3,4 +3,9 @@
 
 mod support;
 
+mod bad_input;
+mod budgets;
 mod chat;
+mod durability;
+mod resilience;
+mod sdk;

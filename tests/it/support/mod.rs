@@ -15,7 +15,7 @@ use llm_orch::config::Settings;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-pub use fake_openai::FakeOpenAi;
+pub use fake_openai::{FakeOpenAi, Reply};
 
 /// A providers.toml table for an OpenAI-compatible fake.
 pub fn openai_provider(name: &str, base_url: &str, extra: &str) -> String {

@@ -1,0 +1,106 @@
+//! Per-provider budgets: concurrency and the rpm window, measured at the fake upstream.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::support::*;
+
+#[tokio::test]
+async fn concurrency_is_never_exceeded_and_is_reached_under_load() {
+    let fake = FakeOpenAi::start().await;
+    fake.set_latency(Duration::from_millis(300));
+    let app = spawn_app(Options::new(
+        openai_provider("up", &fake.base_url(), "rpm = 10000\nconcurrency = 3"),
+        router_yaml(&["up"], ""),
+    ))
+    .await;
+    let requests = (0..15).map(|i| app.chat(user(&format!("load {i}"))));
+    let responses = futures::future::join_all(requests).await;
+    assert!(responses.iter().all(|r| r.status() == 200));
+    assert_eq!(fake.call_count(), 15);
+    assert_eq!(
+        fake.max_in_flight(),
+        3,
+        "in-flight must reach the limit and never pass it"
+    );
+}
+
+#[tokio::test]
+async fn rpm_limits_call_starts_in_the_window() {
+    let fake = FakeOpenAi::start().await;
+    let app = spawn_app(Options::new(
+        openai_provider("up", &fake.base_url(), "rpm = 3\nconcurrency = 10"),
+        router_yaml(&["up"], ""),
+    ))
+    .await;
+    let mut ids = vec![];
+    for i in 0..5 {
+        let resp = app
+            .chat_with(user(&format!("r{i}")), &[("x-orch-async", "true")])
+            .await;
+        assert_eq!(resp.status(), 202);
+        ids.push(
+            resp.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        fake.call_count(),
+        3,
+        "only rpm calls may start within the window"
+    );
+    let mut statuses = vec![];
+    for id in &ids {
+        let j: Value = app
+            .get(&format!("/v1/jobs/{id}"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        statuses.push(j["status"].as_str().unwrap().to_string());
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| *s == "queued").count(),
+        2,
+        "{statuses:?}"
+    );
+}
+
+/// The slow one: the fourth call starts only when the first leaves the 60-second window.
+#[tokio::test]
+async fn rpm_window_slides_after_sixty_seconds() {
+    let fake = FakeOpenAi::start().await;
+    let app = spawn_app(Options::new(
+        openai_provider("up", &fake.base_url(), "rpm = 2\nconcurrency = 10"),
+        router_yaml(&["up"], ""),
+    ))
+    .await;
+    let start = Instant::now();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap();
+    let url = format!("{}/v1/chat/completions", app.url);
+    let requests = (0..3).map(|i| http.post(&url).json(&user(&format!("w{i}"))).send());
+    let responses = futures::future::join_all(requests).await;
+    assert!(
+        responses
+            .iter()
+            .all(|r| r.as_ref().unwrap().status() == 200)
+    );
+    let calls = fake.calls();
+    assert_eq!(calls.len(), 3);
+    let gap = calls[2].at - calls[0].at;
+    assert!(
+        gap >= Duration::from_secs(60),
+        "third call {gap:?} after the first"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(70),
+        "the job was not started soon after the window freed"
+    );
+}

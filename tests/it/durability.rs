@@ -1,0 +1,261 @@
+//! Crashes and restarts of the real binary: no accepted job is lost, no succeeded job is
+//! sent upstream again, a second process cannot share the SQLite file, SIGTERM is graceful.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::support::*;
+
+async fn post_async(http: &reqwest::Client, url: &str, text: &str) -> String {
+    let resp = http
+        .post(format!("{url}/v1/chat/completions"))
+        .header("x-orch-async", "true")
+        .json(&user(text))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+async fn job(http: &reqwest::Client, url: &str, id: &str) -> Value {
+    http.get(format!("{url}/v1/jobs/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn kill_9_loses_no_job_and_never_repeats_a_finished_one() {
+    let fake = FakeOpenAi::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let env = prepare(
+        dir.path(),
+        &Options::new(
+            openai_provider("up", &fake.base_url(), "rpm = 1000\nconcurrency = 2"),
+            router_yaml(&["up"], ""),
+        ),
+    );
+    let http = reqwest::Client::new();
+    let mut first = spawn_binary(dir.path(), &env, "log-1.txt");
+    first.wait_ready(Duration::from_secs(20)).await;
+
+    // One job finishes before the crash.
+    let done = http
+        .post(format!("{}/v1/chat/completions", first.url))
+        .json(&user("done before"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(done.status(), 200);
+    let done_id = done.headers()["x-orch-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+
+    // Then: two running (slow upstream, concurrency 2) and four queued behind them.
+    fake.set_latency(Duration::from_secs(3));
+    let mut ids = vec![];
+    for i in 0..6 {
+        ids.push(post_async(&http, &first.url, &format!("crash {i}")).await);
+    }
+    let end = Instant::now() + Duration::from_secs(10);
+    while fake.in_flight() < 2 {
+        assert!(Instant::now() < end, "calls never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first.kill9();
+    fake.set_latency(Duration::from_millis(10));
+
+    let second = spawn_binary(dir.path(), &env, "log-2.txt");
+    second.wait_ready(Duration::from_secs(20)).await;
+    for id in &ids {
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            let j = job(&http, &second.url, id).await;
+            if j["status"] == "succeeded" {
+                break;
+            }
+            assert!(
+                Instant::now() < end,
+                "job {id} not completed after restart: {j}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // The two calls cut by the crash are recorded as lost attempts.
+    let mut lost = 0;
+    for id in &ids {
+        let j = job(&http, &second.url, id).await;
+        lost += j["attempts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| a["outcome"] == "lost")
+            .count();
+    }
+    assert_eq!(lost, 2);
+    // The job that had succeeded was not sent again.
+    let before = fake
+        .calls()
+        .iter()
+        .filter(|c| c.body["messages"][0]["content"] == "done before")
+        .count();
+    assert_eq!(before, 1);
+    let j = job(&http, &second.url, &done_id).await;
+    assert_eq!(j["status"], "succeeded");
+    assert_eq!(j["attempts"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_second_process_on_the_same_sqlite_file_refuses_to_start() {
+    let fake = FakeOpenAi::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let env = prepare(
+        dir.path(),
+        &Options::new(
+            openai_provider("up", &fake.base_url(), ""),
+            router_yaml(&["up"], ""),
+        ),
+    );
+    let first = spawn_binary(dir.path(), &env, "log-1.txt");
+    first.wait_ready(Duration::from_secs(20)).await;
+    let mut second = spawn_binary(dir.path(), &env, "log-2.txt");
+    let status = tokio::task::spawn_blocking(move || second.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(!status.success());
+    let log = std::fs::read_to_string(dir.path().join("log-2.txt")).unwrap();
+    assert!(
+        log.contains("another llm-orch process already uses the SQLite database"),
+        "{log}"
+    );
+    assert!(log.contains("Postgres"), "{log}");
+}
+
+#[tokio::test]
+async fn sigterm_lets_running_calls_finish_then_exits() {
+    let fake = FakeOpenAi::start().await;
+    fake.set_latency(Duration::from_millis(1500));
+    let dir = tempfile::tempdir().unwrap();
+    let env = prepare(
+        dir.path(),
+        &Options::new(
+            openai_provider("up", &fake.base_url(), "concurrency = 1"),
+            router_yaml(&["up"], ""),
+        )
+        .env("ORCH_SHUTDOWN_GRACE_SECONDS", "10"),
+    );
+    let mut bin = spawn_binary(dir.path(), &env, "log.txt");
+    bin.wait_ready(Duration::from_secs(20)).await;
+    let http = reqwest::Client::new();
+    let running = post_async(&http, &bin.url, "in flight").await;
+    let queued = post_async(&http, &bin.url, "still queued").await;
+    let end = Instant::now() + Duration::from_secs(10);
+    while fake.in_flight() < 1 {
+        assert!(Instant::now() < end);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pid = bin.child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut child = std::mem::replace(
+        &mut bin.child,
+        std::process::Command::new("true").spawn().unwrap(),
+    );
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "graceful exit: {status:?}");
+    assert_eq!(
+        fake.call_count(),
+        1,
+        "no new call was started during shutdown"
+    );
+
+    // After a restart: the running call had finished, the queued job completes now.
+    let again = spawn_binary(dir.path(), &env, "log-2.txt");
+    again.wait_ready(Duration::from_secs(20)).await;
+    let j = job(&http, &again.url, &running).await;
+    assert_eq!(j["status"], "succeeded", "{j}");
+    assert_eq!(j["attempts"].as_array().unwrap().len(), 1);
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let j = job(&http, &again.url, &queued).await;
+        if j["status"] == "succeeded" {
+            break;
+        }
+        assert!(Instant::now() < end, "{j}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn queued_jobs_and_the_rpm_window_survive_a_restart() {
+    let fake = FakeOpenAi::start().await;
+    // rpm 1: the second job waits for the window, which the restart does not reset.
+    let app = spawn_app(Options::new(
+        openai_provider("up", &fake.base_url(), "rpm = 1"),
+        router_yaml(&["up"], ""),
+    ))
+    .await;
+    assert_eq!(app.chat(user("one")).await.status(), 200);
+    let resp = app
+        .chat_with(user("two"), &[("x-orch-async", "true")])
+        .await;
+    let id = resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (dir, env) = app.stop().await;
+    let app = start_in(dir, env).await;
+    let j: Value = app
+        .get(&format!("/v1/jobs/{id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(j["status"], "queued", "the job survived the restart");
+}
+
+#[tokio::test]
+async fn a_call_longer_than_the_lease_keeps_its_lease_and_runs_once() {
+    let fake = FakeOpenAi::start().await;
+    // The harness sets ORCH_LEASE_SECONDS=3: this call lasts twice as long.
+    fake.set_latency(Duration::from_secs(6));
+    let app = spawn_app(Options::new(
+        openai_provider("up", &fake.base_url(), ""),
+        router_yaml(&["up"], ""),
+    ))
+    .await;
+    let resp = app.chat(user("long call")).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        fake.call_count(),
+        1,
+        "the job was not rescued while its call was alive"
+    );
+    let id = resp.headers()["x-orch-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let j: Value = app
+        .get(&format!("/v1/jobs/{id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(j["attempts"].as_array().unwrap().len(), 1);
+}

@@ -1,0 +1,332 @@
+//! Retries, hops, cool-downs and failures, as users see them.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::support::*;
+
+/// Two fakes `a` → `b` on DEFAULT.
+async fn two(
+    a_extra: &str,
+    b_extra: &str,
+    env: &[(&str, &str)],
+) -> (FakeOpenAi, FakeOpenAi, TestApp) {
+    let a = FakeOpenAi::start().await;
+    let b = FakeOpenAi::start().await;
+    let providers = openai_provider("a", &a.base_url(), a_extra)
+        + &openai_provider("b", &b.base_url(), b_extra);
+    let mut opts = Options::new(providers, router_yaml(&["a", "b"], ""));
+    for (k, v) in env {
+        opts = opts.env(k, v);
+    }
+    (a, b, spawn_app(opts).await)
+}
+
+async fn job_of(app: &TestApp, resp: &reqwest::Response) -> Value {
+    let id = resp.headers()["x-orch-request-id"].to_str().unwrap();
+    app.get(&format!("/v1/jobs/{id}"))
+        .await
+        .json()
+        .await
+        .unwrap()
+}
+
+fn outcomes(job: &Value) -> Vec<String> {
+    job["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["outcome"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn server_errors_are_retried_on_the_same_provider() {
+    let (a, b, app) = two("max_retries = 2", "", &[]).await;
+    a.script([Reply::status(500), Reply::status(503)]);
+    let resp = app.chat(user("retry me")).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-orch-provider"], "a");
+    assert_eq!(resp.headers()["x-orch-fallback-attempts"], "0");
+    let job = job_of(&app, &resp).await;
+    assert_eq!(outcomes(&job), ["retry", "retry", "ok"]);
+    assert_eq!(job["attempts"][0]["status_code"], 500);
+    assert_eq!((a.call_count(), b.call_count()), (3, 0));
+    // Backoff: the retries did not fire back to back.
+    let calls = a.calls();
+    assert!(calls[1].at - calls[0].at >= Duration::from_millis(90));
+}
+
+#[tokio::test]
+async fn exhausted_retries_hop_to_the_next_provider() {
+    let (a, b, app) = two("max_retries = 1", "", &[]).await;
+    a.script([Reply::status(502), Reply::status(502)]);
+    let resp = app.chat(user("hop")).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-orch-provider"], "b");
+    assert_eq!(resp.headers()["x-orch-fallback-attempts"], "1");
+    let job = job_of(&app, &resp).await;
+    assert_eq!(outcomes(&job), ["retry", "hop", "ok"]);
+    assert_eq!(job["attempts"][2]["provider"], "b");
+    assert_eq!(job["attempts"][2]["model"], "m-b");
+    assert_eq!((a.call_count(), b.call_count()), (2, 1));
+}
+
+#[tokio::test]
+async fn every_provider_failing_gives_502_with_the_last_error() {
+    let (a, b, app) = two("max_retries = 0", "max_retries = 1", &[]).await;
+    a.script([Reply::status(500)]);
+    b.script([
+        Reply::status(500),
+        Reply::Status {
+            status: 503,
+            body: r#"{"error":{"message":"b is melting"}}"#.into(),
+            headers: vec![],
+        },
+    ]);
+    let resp = app.chat(user("doomed")).await;
+    assert_eq!(resp.status(), 502);
+    let id = resp.headers()["x-orch-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "provider_server_error");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("b is melting"),
+        "{body}"
+    );
+    let job: Value = app
+        .get(&format!("/v1/jobs/{id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(job["status"], "failed");
+    assert_eq!(outcomes(&job), ["hop", "retry", "failed"]);
+}
+
+#[tokio::test]
+async fn other_4xx_are_returned_at_once_with_one_upstream_call() {
+    let (a, b, app) = two("max_retries = 3", "", &[]).await;
+    a.script([Reply::Status {
+        status: 400,
+        body: r#"{"error":{"message":"context_length_exceeded: too long","type":"invalid_request_error"}}"#.into(),
+        headers: vec![],
+    }]);
+    let resp = app.chat(user("bad for upstream")).await;
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "provider_error");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("context_length_exceeded")
+    );
+    assert_eq!((a.call_count(), b.call_count()), (1, 0));
+}
+
+#[tokio::test]
+async fn retryable_4xx_408_and_409_are_retried() {
+    let (a, _b, app) = two("max_retries = 2", "", &[]).await;
+    a.script([Reply::status(408), Reply::status(409)]);
+    let resp = app.chat(user("x")).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(a.call_count(), 3);
+}
+
+#[tokio::test]
+async fn rate_limit_hops_at_once_and_the_cool_down_is_remembered() {
+    let (a, b, app) = two("max_retries = 2", "", &[]).await;
+    a.script([Reply::rate_limited("30")]);
+    let resp = app.chat(user("first")).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-orch-provider"], "b");
+    assert_eq!(resp.headers()["x-orch-fallback-attempts"], "1");
+    // `a` cools down for 30 s: the next request goes straight to `b`.
+    let resp = app.chat(user("second")).await;
+    assert_eq!(resp.headers()["x-orch-provider"], "b");
+    assert_eq!((a.call_count(), b.call_count()), (1, 2));
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("orch_provider_cooldown{provider=\"a\"}"))
+        .unwrap();
+    let left: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(left > 20.0, "{line}");
+}
+
+#[tokio::test]
+async fn rate_limit_with_retry_after_seconds_is_waited_out_on_the_last_provider() {
+    let fake = FakeOpenAi::start().await;
+    let app = spawn_app(Options::new(
+        openai_provider("solo", &fake.base_url(), ""),
+        router_yaml(&["solo"], ""),
+    ))
+    .await;
+    fake.script([Reply::rate_limited("1")]);
+    let started = Instant::now();
+    let resp = app.chat(user("patience")).await;
+    assert_eq!(resp.status(), 200);
+    assert!(
+        started.elapsed() >= Duration::from_millis(950),
+        "{:?}",
+        started.elapsed()
+    );
+    let job = job_of(&app, &resp).await;
+    assert_eq!(outcomes(&job), ["cooldown", "ok"]);
+    assert_eq!(job["attempts"][0]["status_code"], 429);
+    let calls = fake.calls();
+    assert!(calls[1].at - calls[0].at >= Duration::from_millis(950));
+}
+
+#[tokio::test]
+async fn rate_limit_with_retry_after_http_date_is_understood() {
+    let fake = FakeOpenAi::start().await;
+    let app = spawn_app(Options::new(
+        openai_provider("solo", &fake.base_url(), ""),
+        router_yaml(&["solo"], ""),
+    ))
+    .await;
+    let when = chrono::Utc::now() + chrono::Duration::seconds(3);
+    fake.script([Reply::rate_limited(
+        &when.format("%a, %d %b %Y %H:%M:%S GMT").to_string(),
+    )]);
+    let resp = app.chat(user("date")).await;
+    assert_eq!(resp.status(), 200);
+    let calls = fake.calls();
+    // HTTP dates have whole seconds: at least ~2 s were waited, not the 30 s default.
+    let gap = calls[1].at - calls[0].at;
+    assert!(
+        gap >= Duration::from_millis(1900) && gap < Duration::from_secs(10),
+        "{gap:?}"
+    );
+}
+
+#[tokio::test]
+async fn rate_limit_past_the_deadline_is_a_429_with_retry_after() {
+    let fake = FakeOpenAi::start().await;
+    let app = spawn_app(
+        Options::new(
+            openai_provider("solo", &fake.base_url(), ""),
+            router_yaml(&["solo"], ""),
+        )
+        .env("ORCH_REQUEST_TIMEOUT_SECONDS", "3"),
+    )
+    .await;
+    fake.script([Reply::rate_limited("120")]);
+    let resp = app.chat(user("too long")).await;
+    assert_eq!(resp.status(), 429);
+    let retry_after: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((100..=120).contains(&retry_after), "{retry_after}");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "rate_limit");
+    assert!(body["error"]["retry_after"].as_u64().unwrap() >= 100);
+    // While it cools down, new requests are refused at once without calling upstream.
+    let resp = app.chat(user("again")).await;
+    assert_eq!(resp.status(), 429);
+    assert!(resp.headers().contains_key("retry-after"));
+    assert_eq!(fake.call_count(), 1);
+}
+
+#[tokio::test]
+async fn a_429_without_retry_after_uses_the_configured_cool_down() {
+    let fake = FakeOpenAi::start().await;
+    let app = spawn_app(
+        Options::new(
+            openai_provider("solo", &fake.base_url(), ""),
+            router_yaml(&["solo"], ""),
+        )
+        .env("ORCH_RETRY_AFTER_SECONDS", "1"),
+    )
+    .await;
+    fake.script([Reply::Status {
+        status: 429,
+        body: "{}".into(),
+        headers: vec![],
+    }]);
+    let resp = app.chat(user("default cool-down")).await;
+    assert_eq!(resp.status(), 200);
+    let calls = fake.calls();
+    assert!(calls[1].at - calls[0].at >= Duration::from_millis(950));
+}
+
+#[tokio::test]
+async fn garbage_bodies_are_retried() {
+    let (a, _b, app) = two("max_retries = 2", "", &[]).await;
+    a.script([
+        Reply::Garbage("<html>upstream proxy error</html>".into()),
+        Reply::Garbage("{\"no\":\"choices\"}".into()),
+    ]);
+    let resp = app.chat(user("x")).await;
+    assert_eq!(resp.status(), 200);
+    let job = job_of(&app, &resp).await;
+    assert_eq!(outcomes(&job), ["retry", "retry", "ok"]);
+    assert!(
+        job["attempts"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("unreadable"),
+        "{job}"
+    );
+}
+
+#[tokio::test]
+async fn a_hanging_upstream_times_out_and_is_retried() {
+    let (a, b, app) = two("max_retries = 0\ntimeout_s = 0.5", "", &[]).await;
+    a.script([Reply::Hang]);
+    let resp = app.chat(user("hang")).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-orch-provider"], "b");
+    let job = job_of(&app, &resp).await;
+    assert!(
+        job["attempts"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("timed out"),
+        "{job}"
+    );
+    assert_eq!((a.call_count(), b.call_count()), (1, 1));
+}
+
+#[tokio::test]
+async fn an_unreachable_upstream_is_a_connection_error_and_hops() {
+    let b = FakeOpenAi::start().await;
+    let dead = format!("http://127.0.0.1:{}/v1", free_port());
+    let providers =
+        openai_provider("a", &dead, "max_retries = 0") + &openai_provider("b", &b.base_url(), "");
+    let app = spawn_app(Options::new(providers, router_yaml(&["a", "b"], ""))).await;
+    let resp = app.chat(user("x")).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-orch-provider"], "b");
+}
+
+#[tokio::test]
+async fn the_wait_running_out_is_a_504_with_the_job_id_and_the_job_goes_on() {
+    let fake = FakeOpenAi::start().await;
+    fake.set_latency(Duration::from_millis(2500));
+    let app = spawn_app(
+        Options::new(
+            openai_provider("solo", &fake.base_url(), ""),
+            router_yaml(&["solo"], ""),
+        )
+        .env("ORCH_REQUEST_TIMEOUT_SECONDS", "1"),
+    )
+    .await;
+    let resp = app.chat(user("slow")).await;
+    assert_eq!(resp.status(), 504);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "timeout");
+    let id = body["error"]["job_id"].as_str().unwrap();
+    let job = app.wait_job(id, Duration::from_secs(10)).await;
+    assert_eq!(job["status"], "succeeded");
+}

@@ -57,8 +57,15 @@ CREATE TABLE attempts (
     tokens      INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (job_id, n)
 );
--- rpm/tpm windows: call starts of one provider in the last 60 s.
-CREATE INDEX attempts_window ON attempts (provider, started_at);
+
+-- rpm/tpm windows: call starts and tokens per provider and second (see src/queue/budget.rs).
+CREATE TABLE provider_usage (
+    provider TEXT NOT NULL,
+    second   INTEGER NOT NULL,
+    calls    INTEGER NOT NULL DEFAULT 0,
+    tokens   INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (provider, second)
+) WITHOUT ROWID;
 
 -- Shared provider state: cool-down after 429, circuit breaker.
 CREATE TABLE provider_state (

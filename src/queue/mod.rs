@@ -6,6 +6,7 @@
 //! Budgets (rpm, tpm, concurrency, cool-down, breaker) are checked in the same transaction
 //! that leases, so every instance sharing the database sees the same numbers.
 
+pub mod budget;
 pub mod model;
 pub mod row;
 pub mod signals;
@@ -81,6 +82,7 @@ pub trait QueueStore: Send + Sync + 'static {
 
     /// Re-queues running jobs in `scope`, recording their attempt as `lost`. A pinned
     /// (streaming) job fails instead: its client was on the instance that stopped.
+    /// Also drops budget bookkeeping that has left the rate window.
     /// Returns the providers that received work.
     async fn rescue(&self, scope: RescueScope<'_>) -> StoreResult<Vec<String>>;
 

@@ -293,6 +293,8 @@ pub struct AttemptFinish {
     pub error: Option<String>,
     /// Tokens the attempt used (prompt + completion), for tpm.
     pub tokens: Option<i64>,
+    /// The provider has a tpm budget: correct its token count with `tokens`.
+    pub count_tokens: bool,
     pub transition: Transition,
     pub effect: ProviderEffect,
 }

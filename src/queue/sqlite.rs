@@ -237,73 +237,66 @@ impl QueueStore for SqliteStore {
         let now = now_ms();
         let mut conn = self.writer.lock().await;
         let mut tx = conn.begin().await?;
-
-        let state: Option<(i64, i64)> = sqlx::query_as(
-            "SELECT cooldown_until, breaker_open_until FROM provider_state WHERE provider = ?1",
-        )
-        .bind(&req.provider)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some((cooldown, breaker)) = state {
-            if cooldown > now {
+        // Every budget input in one statement: one round trip to the SQLite thread.
+        let (cooldown_until, breaker_open_until, running, calls, tokens, oldest_second): (i64, i64, i64, i64, i64, Option<i64>) =
+            sqlx::query_as(
+                "SELECT COALESCE((SELECT cooldown_until FROM provider_state WHERE provider = ?1), 0), \
+                 COALESCE((SELECT breaker_open_until FROM provider_state WHERE provider = ?1), 0), \
+                 (SELECT COUNT(*) FROM jobs WHERE provider = ?1 AND status = 'running'), \
+                 (SELECT COALESCE(SUM(calls), 0) FROM provider_usage WHERE provider = ?1 AND second >= ?2), \
+                 (SELECT COALESCE(SUM(tokens), 0) FROM provider_usage WHERE provider = ?1 AND second >= ?2), \
+                 (SELECT MIN(second) FROM provider_usage WHERE provider = ?1 AND second >= ?2)",
+            )
+            .bind(&req.provider)
+            .bind(budget::window_start_second(now))
+            .fetch_one(&mut *tx)
+            .await?;
+        let usage = budget::Usage {
+            cooldown_until,
+            breaker_open_until,
+            running,
+            calls,
+            tokens,
+            oldest_second,
+        };
+        let limit = match budget::admit(&usage, &req.budget, now, req.max_jobs) {
+            Ok(n) => n,
+            Err(blocked) => {
                 return Ok(Lease {
-                    blocked: Some(Blocked::Cooldown(cooldown)),
+                    blocked: Some(blocked),
                     ..Lease::default()
                 });
             }
-            if breaker > now {
-                return Ok(Lease {
-                    blocked: Some(Blocked::Breaker(breaker)),
-                    ..Lease::default()
-                });
-            }
-        }
-        let (running,): (i64,) =
-            sqlx::query_as("SELECT COUNT(*) FROM jobs WHERE provider = ?1 AND status = 'running'")
-                .bind(&req.provider)
-                .fetch_one(&mut *tx)
-                .await?;
-        let free_slots = i64::from(req.budget.concurrency) - running;
-        if free_slots <= 0 {
-            return Ok(Lease {
-                blocked: Some(Blocked::Concurrency),
-                ..Lease::default()
-            });
-        }
-        let window_start = now - RATE_WINDOW_MS;
-        let (started, oldest, tokens): (i64, Option<i64>, i64) = sqlx::query_as(
-            "SELECT COUNT(*), MIN(started_at), COALESCE(SUM(tokens), 0) FROM attempts \
-             WHERE provider = ?1 AND started_at > ?2",
+        };
+        let lease_until = now + req.lease_ms;
+        // Pick, then mark each job. (One `UPDATE … WHERE id IN (SELECT … LIMIT ?)` would be a
+        // single statement, but SQLite re-prepares that form on every run.)
+        let ids: Vec<(String,)> = sqlx::query_as(
+            "SELECT id FROM jobs WHERE provider = ?1 AND status = 'queued' AND run_at <= ?2 \
+             AND (pinned_instance IS NULL OR pinned_instance = ?3) ORDER BY priority, run_at LIMIT ?4",
         )
-        .bind(&req.provider)
-        .bind(window_start)
-        .fetch_one(&mut *tx)
-        .await?;
-        let window_frees_at = oldest.unwrap_or(now) + RATE_WINDOW_MS + 1;
-        let rpm_left = i64::from(req.budget.rpm) - started;
-        if rpm_left <= 0 {
-            return Ok(Lease {
-                blocked: Some(Blocked::Rpm(window_frees_at)),
-                ..Lease::default()
-            });
-        }
-        if let Some(tpm) = req.budget.tpm
-            && tokens >= i64::from(tpm)
-        {
-            return Ok(Lease {
-                blocked: Some(Blocked::Tpm(window_frees_at)),
-                ..Lease::default()
-            });
-        }
-        let limit = free_slots.min(rpm_left).min(i64::from(req.max_jobs.max(1)));
-        let rows: Vec<JobRow> = sqlx::query_as(concat!("SELECT ", job_columns!(), " FROM jobs WHERE provider = ?1 AND status = 'queued' AND run_at <= ?2 \
-             AND (pinned_instance IS NULL OR pinned_instance = ?3) ORDER BY priority, run_at LIMIT ?4"))
         .bind(&req.provider)
         .bind(now)
         .bind(&req.instance)
         .bind(limit)
         .fetch_all(&mut *tx)
         .await?;
+        let mut rows: Vec<JobRow> = Vec::with_capacity(ids.len());
+        for (id,) in &ids {
+            let row: JobRow = sqlx::query_as(concat!(
+                "UPDATE jobs SET status = 'running', lease_owner = ?1, lease_expires_at = ?2, \
+                 started_at = COALESCE(started_at, ?3), attempt_count = attempt_count + 1, hop_tries = hop_tries + 1 \
+                 WHERE id = ?4 RETURNING ",
+                job_columns!()
+            ))
+            .bind(&req.instance)
+            .bind(lease_until)
+            .bind(now)
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
+            rows.push(row);
+        }
         if rows.is_empty() {
             let (next,): (Option<i64>,) = sqlx::query_as(
                 "SELECT MIN(run_at) FROM jobs WHERE provider = ?1 AND status = 'queued' \
@@ -318,40 +311,16 @@ impl QueueStore for SqliteStore {
                 ..Lease::default()
             });
         }
-        let lease_until = now + req.lease_ms;
         let mut jobs = Vec::with_capacity(rows.len());
-        let mut tokens_used = tokens;
+        let mut estimated = 0;
         for row in rows {
-            let mut job = Job::try_from(row)?;
+            let job = Job::try_from(row)?;
             let estimate = if req.budget.tpm.is_some() {
                 estimate_tokens(&job.request)
             } else {
                 0
             };
-            if let Some(tpm) = req.budget.tpm {
-                // Always let the first call of an empty window through, however large.
-                if !jobs.is_empty() && tokens_used + estimate > i64::from(tpm) {
-                    break;
-                }
-            }
-            tokens_used += estimate;
-            job.status = JobStatus::Running;
-            job.lease_owner = Some(req.instance.clone());
-            job.lease_expires_at = Some(lease_until);
-            job.started_at = job.started_at.or(Some(now));
-            job.attempt_count += 1;
-            job.hop_tries += 1;
-            sqlx::query(
-                "UPDATE jobs SET status = 'running', lease_owner = ?1, lease_expires_at = ?2, \
-                 started_at = COALESCE(started_at, ?3), attempt_count = attempt_count + 1, \
-                 hop_tries = hop_tries + 1 WHERE id = ?4",
-            )
-            .bind(&req.instance)
-            .bind(lease_until)
-            .bind(now)
-            .bind(&job.id)
-            .execute(&mut *tx)
-            .await?;
+            estimated += estimate;
             sqlx::query(
                 "INSERT INTO attempts (job_id, n, provider, model, instance, started_at, outcome, tokens) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'running', ?7)",
@@ -368,6 +337,16 @@ impl QueueStore for SqliteStore {
             let attempt_n = job.attempt_count;
             jobs.push(LeasedJob { job, attempt_n });
         }
+        sqlx::query(
+            "INSERT INTO provider_usage (provider, second, calls, tokens) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT (provider, second) DO UPDATE SET calls = calls + excluded.calls, tokens = tokens + excluded.tokens",
+        )
+        .bind(&req.provider)
+        .bind(budget::second_of(now))
+        .bind(jobs.len() as i64)
+        .bind(estimated)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(Lease {
             jobs,
@@ -391,6 +370,22 @@ impl QueueStore for SqliteStore {
     async fn finish_attempt(&self, fin: &AttemptFinish) -> StoreResult<bool> {
         let mut conn = self.writer.lock().await;
         let mut tx = conn.begin().await?;
+        if fin.count_tokens {
+            if let Some(actual) = fin.tokens {
+                // Replace the lease-time estimate by what the call really used, in the bucket
+                // of the second the call started.
+                sqlx::query(
+                    "UPDATE provider_usage SET tokens = tokens + ?1 - (SELECT tokens FROM attempts WHERE job_id = ?2 AND n = ?3) \
+                     WHERE provider = ?4 AND second = (SELECT started_at / 1000 FROM attempts WHERE job_id = ?2 AND n = ?3)",
+                )
+                .bind(actual)
+                .bind(&fin.job_id)
+                .bind(fin.attempt_n)
+                .bind(&fin.provider)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
         sqlx::query(
             "UPDATE attempts SET finished_at = ?1, status_code = ?2, outcome = ?3, error = ?4, \
              tokens = COALESCE(?5, tokens) WHERE job_id = ?6 AND n = ?7",
@@ -491,6 +486,14 @@ impl QueueStore for SqliteStore {
     }
 
     async fn rescue(&self, scope: RescueScope<'_>) -> StoreResult<Vec<String>> {
+        {
+            // Budget buckets older than the window are no longer read.
+            let mut conn = self.writer.lock().await;
+            sqlx::query("DELETE FROM provider_usage WHERE second < ?1")
+                .bind(budget::window_start_second(now_ms()) - 1)
+                .execute(&mut *conn)
+                .await?;
+        }
         let (owner, expired_only) = match scope {
             RescueScope::Expired => (None, true),
             RescueScope::Owner(o) => (Some(o), false),
@@ -686,6 +689,14 @@ async fn apply_effect(
     now: i64,
     effect: &ProviderEffect,
 ) -> StoreResult<()> {
+    // The common case, a success with no breaker history, writes nothing.
+    if effect.success == Some(true) && effect.cooldown_until.is_none() {
+        sqlx::query("UPDATE provider_state SET consecutive_failures = 0 WHERE provider = ?1 AND consecutive_failures <> 0")
+            .bind(provider)
+            .execute(&mut *conn)
+            .await?;
+        return Ok(());
+    }
     if effect.cooldown_until.is_none() && effect.success.is_none() {
         return Ok(());
     }

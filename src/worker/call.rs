@@ -297,6 +297,7 @@ async fn settle(
         status_code,
         error: error_text,
         tokens,
+        count_tokens: cfg.tpm.is_some(),
         transition: decision.transition.clone(),
         effect: decision.effect,
     };

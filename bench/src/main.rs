@@ -1,0 +1,493 @@
+//! orch-bench: is llm-orch the bottleneck?
+//!
+//! Starts an in-repo fake OpenAI upstream and the release `llm-orch` binary (SQLite, and
+//! Postgres with `--postgres URL`), drives both directly and through the gateway with an
+//! in-repo closed-loop load generator, and prints a table of throughput, latency, gateway
+//! CPU per request and peak RSS, the lease latency with a million queued jobs, an async
+//! burst, and each figure against its target. Run: `scripts/bench.sh [--postgres URL]`.
+
+mod fake;
+mod load;
+mod process;
+
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use llm_orch::config::Settings;
+use llm_orch::queue::{
+    AttemptFinish, AttemptOutcome, Budget, LeaseRequest, NewJob, PRIORITY_INTERACTIVE,
+    ProviderEffect, QueueStore, Transition,
+};
+
+use process::Gateway;
+
+#[derive(Parser)]
+struct Args {
+    /// Also run against Postgres: an admin URL (a fresh database is created per run).
+    #[arg(long)]
+    postgres: Option<String>,
+    /// Seconds of load per measurement.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Jobs queued for the lease-latency measurement.
+    #[arg(long, default_value_t = 1_000_000)]
+    queued: usize,
+    /// Async jobs in the burst.
+    #[arg(long, default_value_t = 50_000)]
+    burst: usize,
+    /// Skip the slow parts (lease with a full queue, burst).
+    #[arg(long)]
+    quick: bool,
+}
+
+#[derive(Clone, Copy)]
+struct Row {
+    backend: &'static str,
+    concurrency: usize,
+    latency_ms: u64,
+    direct: load::Stats,
+    through: load::Stats,
+    cpu_ms_per_req: f64,
+    peak_rss_mb: f64,
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let duration = Duration::from_secs(args.seconds);
+    let started = chrono::Utc::now();
+    println!(
+        "# llm-orch benchmark — {}",
+        started.format("%Y-%m-%d %H:%M UTC")
+    );
+    println!("machine: {} cores, {}", cores(), mem_total());
+    println!();
+
+    let mut backends: Vec<(&'static str, Option<String>)> = vec![("sqlite", None)];
+    if let Some(pg) = &args.postgres {
+        backends.push(("postgres", Some(pg.clone())));
+    }
+    let commit_ms = match &args.postgres {
+        Some(pg) => Some(pg_commit_ms(pg).await),
+        None => None,
+    };
+
+    let mut rows = Vec::new();
+    for latency_ms in [0u64, 200] {
+        let upstream = format!("http://{}", fake::start(Duration::from_millis(latency_ms)));
+        for &concurrency in &[1usize, 64, 256] {
+            let http = load::client(concurrency);
+            let direct_url = format!("{upstream}/v1/chat/completions");
+            let _ = load::run(&http, &direct_url, concurrency, Duration::from_secs(1)).await;
+            let direct = load::run(&http, &direct_url, concurrency, duration).await;
+            for (backend, pg) in &backends {
+                let db = match pg {
+                    Some(admin) => Some(fresh_pg_database(admin).await),
+                    None => None,
+                };
+                let gw = Gateway::start(&upstream, db.as_deref(), 1024).await;
+                let url = format!("{}/v1/chat/completions", gw.url);
+                let _ = load::run(&http, &url, concurrency, Duration::from_secs(2)).await;
+                let cpu0 = gw.cpu_seconds();
+                let through = load::run(&http, &url, concurrency, duration).await;
+                let cpu = gw.cpu_seconds() - cpu0;
+                let row = Row {
+                    backend,
+                    concurrency,
+                    latency_ms,
+                    direct,
+                    through,
+                    cpu_ms_per_req: cpu * 1000.0 / through.requests.max(1) as f64,
+                    peak_rss_mb: gw.peak_rss_mb(),
+                };
+                print_progress(&row);
+                rows.push(row);
+            }
+        }
+    }
+
+    println!();
+    println!("## Throughput and latency (direct = load generator → fake upstream)");
+    println!();
+    println!(
+        "| backend | conc | upstream | direct rps | through rps | ratio | direct p50/p99 ms | through p50/p99 ms | added p50/p99 ms | gw CPU ms/req | peak RSS MB | errors |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {} ms | {:.0} | {:.0} | {:.1}% | {:.2} / {:.2} | {:.2} / {:.2} | {:.2} / {:.2} | {:.3} | {:.1} | {} |",
+            r.backend,
+            r.concurrency,
+            r.latency_ms,
+            r.direct.rps,
+            r.through.rps,
+            100.0 * r.through.rps / r.direct.rps,
+            r.direct.p50_ms,
+            r.direct.p99_ms,
+            r.through.p50_ms,
+            r.through.p99_ms,
+            r.through.p50_ms - r.direct.p50_ms,
+            r.through.p99_ms - r.direct.p99_ms,
+            r.cpu_ms_per_req,
+            r.peak_rss_mb,
+            r.through.errors,
+        );
+    }
+    if let Some(c) = commit_ms {
+        println!();
+        println!("Postgres durable commit on this machine: {c:.3} ms (mean of a 300-commit loop)");
+    }
+
+    let mut lease_rows = Vec::new();
+    let mut burst_rows = Vec::new();
+    if !args.quick {
+        for (backend, pg) in &backends {
+            let (empty, full) = lease_latency(pg.as_deref(), args.queued).await;
+            lease_rows.push((*backend, empty, full));
+            let upstream = format!("http://{}", fake::start(Duration::ZERO));
+            let db = match pg {
+                Some(admin) => Some(fresh_pg_database(admin).await),
+                None => None,
+            };
+            burst_rows.push((*backend, burst(&upstream, db.as_deref(), args.burst).await));
+        }
+        println!();
+        println!("## Lease latency (lease one job + record its success), p50 / p99 ms");
+        println!();
+        println!(
+            "| backend | 2,000 queued | {} queued | ratio |",
+            args.queued
+        );
+        println!("|---|---|---|---|");
+        for (b, e, f) in &lease_rows {
+            println!(
+                "| {b} | {:.3} / {:.3} | {:.3} / {:.3} | {:.2}× |",
+                e.0,
+                e.1,
+                f.0,
+                f.1,
+                f.0 / e.0
+            );
+        }
+        println!();
+        println!(
+            "## Burst of {} async jobs (x-orch-async, 256 clients, provider concurrency 64)",
+            args.burst
+        );
+        println!();
+        println!("| backend | accept rate /s | completion rate /s | RSS idle MB | peak RSS MB |");
+        println!("|---|---|---|---|---|");
+        for (b, r) in &burst_rows {
+            println!(
+                "| {b} | {:.0} | {:.0} | {:.1} | {:.1} |",
+                r.accept_rps, r.complete_rps, r.idle_rss_mb, r.peak_rss_mb
+            );
+        }
+    }
+
+    println!();
+    println!("## Targets");
+    println!();
+    let find = |b: &str, c: usize, l: u64| {
+        rows.iter()
+            .find(|r| r.backend == b && r.concurrency == c && r.latency_ms == l)
+            .copied()
+    };
+    let check = |name: String, ok: bool, figure: String| {
+        println!("- [{}] {name}: {figure}", if ok { "x" } else { " " });
+    };
+    for (backend, _) in &backends {
+        let b = *backend;
+        if let Some(r) = find(b, 1, 0) {
+            let added = r.through.p50_ms - r.direct.p50_ms;
+            let (limit, what) = match (b, commit_ms) {
+                ("postgres", Some(c)) => (c + 1.0, format!("≤ commit {c:.2} + 1 ms")),
+                _ => (0.5, "≤ 0.5 ms".to_string()),
+            };
+            check(
+                format!("{b}: added p50 at concurrency 1, upstream 0 ms {what}"),
+                added <= limit,
+                format!("{added:.3} ms"),
+            );
+        }
+        if let Some(r) = find(b, 64, 0) {
+            let ratio = r.through.rps / r.direct.rps;
+            let need = if b == "postgres" { 0.05 } else { 0.20 };
+            check(
+                format!(
+                    "{b}: throughput at concurrency 64, upstream 0 ms ≥ {:.0}% of direct",
+                    need * 100.0
+                ),
+                ratio >= need,
+                format!("{:.1}%", ratio * 100.0),
+            );
+            check(
+                format!("{b}: gateway CPU per request ≤ 0.25 ms (concurrency 64)"),
+                r.cpu_ms_per_req <= 0.25,
+                format!("{:.3} ms", r.cpu_ms_per_req),
+            );
+        }
+        if let Some(r) = find(b, 256, 200) {
+            let ratio = r.through.rps / r.direct.rps;
+            check(
+                format!("{b}: throughput at concurrency 256, upstream 200 ms ≥ 95% of direct"),
+                ratio >= 0.95,
+                format!("{:.1}%", ratio * 100.0),
+            );
+        }
+        let peak = rows
+            .iter()
+            .filter(|r| r.backend == b && r.concurrency == 256)
+            .map(|r| r.peak_rss_mb)
+            .fold(0.0, f64::max);
+        check(
+            format!("{b}: peak RSS ≤ 100 MB at concurrency 256"),
+            peak <= 100.0,
+            format!("{peak:.1} MB"),
+        );
+    }
+    for (b, e, f) in &lease_rows {
+        check(
+            format!(
+                "{b}: lease latency with {} queued within 2× of an almost empty queue",
+                args.queued
+            ),
+            f.0 <= 2.0 * e.0,
+            format!("{:.2}×", f.0 / e.0),
+        );
+    }
+    for (b, r) in &burst_rows {
+        check(
+            format!(
+                "{b}: RSS stays flat under {} queued async jobs (peak ≤ 100 MB)",
+                args.burst
+            ),
+            r.peak_rss_mb <= 100.0,
+            format!("idle {:.1} MB, peak {:.1} MB", r.idle_rss_mb, r.peak_rss_mb),
+        );
+    }
+}
+
+fn print_progress(r: &Row) {
+    eprintln!(
+        "{} c={} upstream={}ms: direct {:.0} rps, through {:.0} rps, p50 {:.2}→{:.2} ms, cpu {:.3} ms/req, rss {:.1} MB",
+        r.backend,
+        r.concurrency,
+        r.latency_ms,
+        r.direct.rps,
+        r.through.rps,
+        r.direct.p50_ms,
+        r.through.p50_ms,
+        r.cpu_ms_per_req,
+        r.peak_rss_mb
+    );
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+fn mem_total() -> String {
+    let m = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    m.lines()
+        .next()
+        .map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// A new empty database on the Postgres server of `admin`; returns its URL.
+async fn fresh_pg_database(admin: &str) -> String {
+    use sqlx::Connection;
+    let name = format!("orch_bench_{}", uuid::Uuid::now_v7().simple());
+    let mut conn = sqlx::PgConnection::connect(admin)
+        .await
+        .expect("postgres reachable");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .expect("create database");
+    let base = admin.split('?').next().unwrap_or(admin);
+    let (prefix, _) = base.rsplit_once('/').expect("database URL has a path");
+    format!("{prefix}/{name}")
+}
+
+/// Mean time of one durable commit on this Postgres.
+async fn pg_commit_ms(admin: &str) -> f64 {
+    use sqlx::Connection;
+    let url = fresh_pg_database(admin).await;
+    let mut conn = sqlx::PgConnection::connect(&url).await.expect("postgres");
+    sqlx::query("CREATE TABLE commit_probe (v BIGINT)")
+        .execute(&mut conn)
+        .await
+        .expect("table");
+    let start = Instant::now();
+    for i in 0..300i64 {
+        sqlx::query("INSERT INTO commit_probe VALUES ($1)")
+            .bind(i)
+            .execute(&mut conn)
+            .await
+            .expect("insert");
+    }
+    start.elapsed().as_secs_f64() * 1000.0 / 300.0
+}
+
+async fn store_for(
+    pg_admin: Option<&str>,
+    dir: &std::path::Path,
+) -> std::sync::Arc<dyn QueueStore> {
+    let url = match pg_admin {
+        Some(admin) => fresh_pg_database(admin).await,
+        None => format!("sqlite://{}/lease.db", dir.display()),
+    };
+    let settings = Settings::from_lookup(|k| (k == "ORCH_DATABASE_URL").then(|| url.clone()))
+        .expect("settings");
+    llm_orch::open_store(&settings).await.expect("store")
+}
+
+fn job(i: usize, now: i64) -> NewJob {
+    NewJob {
+        id: format!("job_{}", uuid::Uuid::now_v7().simple()),
+        task: "DEFAULT".into(),
+        chain: vec!["up".into()],
+        hop: 0,
+        request: format!(
+            r#"{{"model":"bench","messages":[{{"role":"user","content":"job {i}"}}],"max_tokens":8}}"#
+        ),
+        stream: false,
+        priority: PRIORITY_INTERACTIVE,
+        caller: None,
+        idempotency_key: None,
+        pinned_instance: None,
+        created_at: now,
+        deadline_at: now + 600_000,
+        batch_id: None,
+        custom_id: None,
+    }
+}
+
+/// Lease-and-finish latency with a small queue and with `queued` jobs waiting.
+async fn lease_latency(pg: Option<&str>, queued: usize) -> ((f64, f64), (f64, f64)) {
+    let mut out = Vec::new();
+    for size in [2_000usize, queued] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = store_for(pg, dir.path()).await;
+        let now = chrono::Utc::now().timestamp_millis();
+        let fill = Instant::now();
+        let mut i = 0;
+        while i < size {
+            let n = (size - i).min(10_000);
+            let batch: Vec<NewJob> = (i..i + n).map(|k| job(k, now)).collect();
+            store.insert_jobs(&batch).await.expect("insert");
+            i += n;
+        }
+        eprintln!(
+            "queued {size} jobs in {:.1} s",
+            fill.elapsed().as_secs_f64()
+        );
+        let req = LeaseRequest {
+            provider: "up".into(),
+            model: "bench".into(),
+            instance: "bench".into(),
+            lease_ms: 30_000,
+            max_jobs: 1,
+            budget: Budget {
+                rpm: u32::MAX,
+                concurrency: u32::MAX,
+                tpm: None,
+            },
+        };
+        let mut times = Vec::new();
+        for _ in 0..1000 {
+            let t = Instant::now();
+            let lease = store.lease(&req).await.expect("lease");
+            let leased = lease.jobs.into_iter().next().expect("a job");
+            times.push(t.elapsed());
+            let fin = AttemptFinish {
+                job_id: leased.job.id.clone(),
+                attempt_n: leased.attempt_n,
+                instance: "bench".into(),
+                provider: "up".into(),
+                finished_at: chrono::Utc::now().timestamp_millis(),
+                outcome: AttemptOutcome::Ok,
+                status_code: Some(200),
+                error: None,
+                tokens: Some(6),
+                count_tokens: false,
+                transition: Transition::Succeed {
+                    result: "{}".into(),
+                    usage_prompt: Some(5),
+                    usage_completion: Some(1),
+                },
+                effect: ProviderEffect::default(),
+            };
+            store.finish_attempt(&fin).await.expect("finish");
+        }
+        times.sort();
+        let ms = |p: f64| times[((times.len() - 1) as f64 * p) as usize].as_secs_f64() * 1000.0;
+        out.push((ms(0.5), ms(0.99)));
+    }
+    (out[0], out[1])
+}
+
+struct Burst {
+    accept_rps: f64,
+    complete_rps: f64,
+    idle_rss_mb: f64,
+    peak_rss_mb: f64,
+}
+
+/// `n` async jobs as fast as 256 clients can send them; then wait until all are done.
+async fn burst(upstream: &str, db: Option<&str>, n: usize) -> Burst {
+    let gw = Gateway::start(upstream, db, 64).await;
+    let idle = gw.rss_mb();
+    let http = load::client(256);
+    let url = format!("{}/v1/chat/completions", gw.url);
+    let start = Instant::now();
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..256)
+        .map(|_| {
+            let (http, url, next) = (http.clone(), url.clone(), next.clone());
+            tokio::spawn(async move {
+                while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < n {
+                    let _ = http
+                        .post(&url)
+                        .header("x-orch-async", "true")
+                        .header("content-type", "application/json")
+                        .body(r#"{"messages":[{"role":"user","content":"burst"}]}"#)
+                        .send()
+                        .await
+                        .map(|r| r.status());
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let accept = start.elapsed().as_secs_f64();
+    loop {
+        let metrics = http.get(format!("{}/metrics", gw.url)).send().await.ok();
+        let text = match metrics {
+            Some(r) => r.text().await.unwrap_or_default(),
+            None => String::new(),
+        };
+        let done: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("orch_requests_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        if done as usize >= n || start.elapsed() > Duration::from_secs(600) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let total = start.elapsed().as_secs_f64();
+    Burst {
+        accept_rps: n as f64 / accept,
+        complete_rps: n as f64 / total,
+        idle_rss_mb: idle,
+        peak_rss_mb: gw.peak_rss_mb(),
+    }
+}

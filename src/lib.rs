@@ -88,11 +88,13 @@ impl App {
 
         let settings = Arc::new(settings);
         let config = Arc::new(config);
+        let providers = providers::build(&config.providers);
         let telemetry = Arc::new(Telemetry::new(
             settings.metrics_dir.clone(),
             settings.instance_id.clone(),
+            store.clone(),
+            providers.keys().cloned().collect(),
         ));
-        let providers = providers::build(&config.providers);
         let router = routing::Router::new(
             Arc::new(config.router.clone()),
             providers.keys().cloned().collect(),

@@ -3,4 +3,7 @@
 
 mod support;
 
+mod access;
 mod chat;
+mod hygiene;
+mod observability;

@@ -39,15 +39,7 @@ pub async fn export(
         let Some(last) = jobs.last() else { break };
         after = Some((last.finished_at.unwrap_or(0), last.id.clone()));
         for job in &jobs {
-            let model = if job.attempt_count > 0 {
-                store
-                    .get_attempts(&job.id)
-                    .await?
-                    .last()
-                    .map(|a| a.model.clone())
-            } else {
-                None
-            };
+            let model = jsonl::last_model(store, job).await?;
             let name = jsonl::file_name(job.finished_at.unwrap_or(0));
             let file = match files.entry(name.clone()) {
                 std::collections::btree_map::Entry::Occupied(f) => f.into_mut(),

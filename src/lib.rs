@@ -88,11 +88,13 @@ impl App {
 
         let settings = Arc::new(settings);
         let config = Arc::new(config);
+        let providers = providers::build(&config.providers);
         let telemetry = Arc::new(Telemetry::new(
             settings.metrics_dir.clone(),
             settings.instance_id.clone(),
+            store.clone(),
+            providers.keys().cloned().collect(),
         ));
-        let providers = providers::build(&config.providers);
         let router = routing::Router::new(
             Arc::new(config.router.clone()),
             providers.keys().cloned().collect(),
@@ -171,7 +173,9 @@ impl App {
         });
         let result = serve.await;
         workers.shutdown(grace).await;
-        state.shared.telemetry.flush().await;
+        state.shared.telemetry.close().await;
+        // Let go of the store (and with it SQLite's file lock) before returning.
+        drop(state);
         tracing::info!("stopped");
         result
     }

@@ -17,6 +17,7 @@ use serde_json::Value;
 use super::error::ApiError;
 use super::{AppState, Caller, render, validate};
 use crate::queue::{Inserted, Job, JobStatus, NewJob, PRIORITY_INTERACTIVE};
+use crate::telemetry::WaitTally;
 use crate::worker::StreamEvent;
 use crate::worker::policy::first_available;
 
@@ -142,6 +143,8 @@ async fn accept(
 
     // Register before inserting so that no finish can slip between insert and wait.
     let mut watch = shared.signals.watch_job(&id);
+    // Count upstream time from the start, for the overhead of a request that waits.
+    let tally = (!stream && !run_async).then(|| shared.telemetry.track_wait(&id));
     let stream_rx = stream.then(|| shared.streams.open(&id));
     let job_id = match shared.store.insert_job(&new).await {
         Ok(Inserted::New) => {
@@ -169,7 +172,7 @@ async fn accept(
             }
             if stream {
                 // The stream belongs to the first request's connection; this one waits for the whole answer.
-                return wait_for(app, watch, existing.id.clone(), received).await;
+                return wait_for(app, watch, existing.id.clone(), received, None).await;
             }
             existing.id.clone()
         }
@@ -200,7 +203,7 @@ async fn accept(
             .unwrap_or(false);
         return Ok(sse(app.clone(), job_id, rx, watch, include_usage, &new));
     }
-    let resp = wait_for(app, watch, job_id, received).await?;
+    let resp = wait_for(app, watch, job_id, received, tally.as_ref()).await?;
     if let Some(p) = resp
         .headers()
         .get(super::HDR_PROVIDER)
@@ -271,6 +274,7 @@ async fn wait_for(
     mut watch: crate::queue::signals::JobWatch,
     job_id: String,
     received: Instant,
+    tally: Option<&WaitTally>,
 ) -> Result<Response, ApiError> {
     let shared = &app.shared;
     let timeout = shared.settings.request_timeout;
@@ -296,12 +300,17 @@ async fn wait_for(
             }
         };
         if let Some(Some(job)) = signalled {
-            observe_overhead(app, &job, received);
+            if let Some(t) = tally {
+                t.observe(&job, received.elapsed());
+            }
             return Ok(render::finished(&job));
         }
         // A signal from another instance, or the safety poll: read the row.
         if let Some(job) = shared.store.get_job(&job_id).await? {
             if job.status.is_terminal() {
+                if let Some(t) = tally {
+                    t.observe(&job, received.elapsed());
+                }
                 return Ok(render::finished(&job));
             }
         } else {
@@ -309,21 +318,6 @@ async fn wait_for(
         }
         watch.rearm();
     }
-}
-
-fn observe_overhead(app: &AppState, job: &Job, received: Instant) {
-    let total = received.elapsed().as_secs_f64();
-    let upstream = job
-        .finished_at
-        .zip(job.started_at)
-        .map_or(0.0, |(f, s)| (f - s).max(0) as f64 / 1000.0);
-    let overhead = (total - upstream).max(0.0);
-    app.shared
-        .telemetry
-        .metrics
-        .overhead
-        .with_label_values(&[&job.task])
-        .observe(overhead);
 }
 
 /// Cancels the job of a stream whose client went away before it finished.

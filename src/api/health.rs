@@ -45,6 +45,9 @@ pub async fn healthz(State(app): State<AppState>) -> Response {
 }
 
 pub async fn metrics(State(app): State<AppState>) -> Response {
+    // Queue depth, running jobs and cool-downs are read from the database at each scrape,
+    // so every instance reports the global figures, not its own view of them.
+    crate::worker::refresh(&app.shared).await;
     (
         [(
             header::CONTENT_TYPE,

@@ -3,6 +3,7 @@
 
 mod auth;
 mod chat;
+mod cors;
 pub mod error;
 mod health;
 mod jobs;
@@ -10,14 +11,11 @@ mod render;
 pub mod validate;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::http::{HeaderName, HeaderValue, Method};
 use axum::routing::{get, post};
 use tokio_util::sync::CancellationToken;
-use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::routing;
 use crate::worker::Shared;
@@ -42,6 +40,7 @@ pub const HDR_FALLBACKS: &str = "x-orch-fallback-attempts";
 
 pub fn router(state: AppState) -> Router {
     let settings = state.shared.settings.clone();
+    let task_header = state.router.config().defaults.task_header.clone();
     let api = Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/chat/completions", post(chat::chat_completions))
@@ -61,54 +60,15 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::disable())
         .with_state(state);
     if !settings.cors_allow_origins.is_empty() {
-        app = app.layer(cors(&settings.cors_allow_origins));
+        // Outermost, so that preflights are answered before the key check.
+        let policy = cors::CorsPolicy::new(
+            &settings.cors_allow_origins,
+            &[settings.api_key_header.as_str(), task_header.as_str()],
+        );
+        app = app.layer(axum::middleware::from_fn_with_state(
+            Arc::new(policy),
+            cors::handle,
+        ));
     }
     app
-}
-
-fn cors(origins: &[String]) -> CorsLayer {
-    let allowed: Vec<HeaderValue> = origins
-        .iter()
-        .filter_map(|o| HeaderValue::from_str(o).ok())
-        .collect();
-    let any = origins.iter().any(|o| o == "*");
-    let headers = [
-        "authorization",
-        "content-type",
-        "x-api-key",
-        "idempotency-key",
-        "x-orch-task-kind",
-        "x-orch-sticky-key",
-        "x-orch-async",
-        "openai-organization",
-        "openai-project",
-        "x-stainless-os",
-        "x-stainless-lang",
-        "x-stainless-arch",
-        "x-stainless-runtime",
-        "x-stainless-runtime-version",
-        "x-stainless-package-version",
-        "x-stainless-retry-count",
-        "x-stainless-timeout",
-    ]
-    .map(HeaderName::from_static);
-    CorsLayer::new()
-        .allow_origin(if any {
-            AllowOrigin::any()
-        } else {
-            AllowOrigin::list(allowed)
-        })
-        .allow_methods([Method::GET, Method::POST, Method::DELETE, Method::OPTIONS])
-        .allow_headers(headers.to_vec())
-        .expose_headers(
-            [
-                HDR_REQUEST_ID,
-                HDR_PROVIDER,
-                HDR_FALLBACKS,
-                "retry-after",
-                "location",
-            ]
-            .map(HeaderName::from_static),
-        )
-        .max_age(Duration::from_secs(600))
 }

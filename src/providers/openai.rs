@@ -102,7 +102,7 @@ impl Provider for OpenAi {
                 async move {
                     match ev {
                         Ok(e) if e.data.trim().is_empty() => None,
-                        Ok(e) => Some(parse_chunk(&e.data)),
+                        Ok(e) => Some(parse_chunk(&e.data, key.as_deref())),
                         Err(e) => Some(Err(ProviderError::Network(redact(
                             &format!("stream interrupted: {e} (after {timeout:?} budget)"),
                             key.as_deref(),
@@ -127,7 +127,7 @@ pub fn parse_completion(bytes: &[u8]) -> Result<Completion, ProviderError> {
     Ok(Completion { body, usage })
 }
 
-fn parse_chunk(data: &str) -> Result<Value, ProviderError> {
+fn parse_chunk(data: &str, secret: Option<&str>) -> Result<Value, ProviderError> {
     let v: Value = serde_json::from_str(data)
         .map_err(|e| ProviderError::BadResponse(format!("stream event is not JSON ({e})")))?;
     if let Some(err) = v.get("error") {
@@ -137,7 +137,7 @@ fn parse_chunk(data: &str) -> Result<Value, ProviderError> {
             .unwrap_or("upstream error in stream");
         return Err(ProviderError::Status {
             status: 502,
-            message: message.to_string(),
+            message: redact(message, secret),
             retry_after: None,
         });
     }

@@ -370,11 +370,12 @@ impl QueueStore for SqliteStore {
     async fn finish_attempt(&self, fin: &AttemptFinish) -> StoreResult<bool> {
         let mut conn = self.writer.lock().await;
         let mut tx = conn.begin().await?;
-        if fin.count_tokens {
-            if let Some(actual) = fin.tokens {
-                // Replace the lease-time estimate by what the call really used, in the bucket
-                // of the second the call started.
-                sqlx::query(
+        if fin.count_tokens
+            && let Some(actual) = fin.tokens
+        {
+            // Replace the lease-time estimate by what the call really used, in the bucket
+            // of the second the call started.
+            sqlx::query(
                     "UPDATE provider_usage SET tokens = tokens + ?1 - (SELECT tokens FROM attempts WHERE job_id = ?2 AND n = ?3) \
                      WHERE provider = ?4 AND second = (SELECT started_at / 1000 FROM attempts WHERE job_id = ?2 AND n = ?3)",
                 )
@@ -384,7 +385,6 @@ impl QueueStore for SqliteStore {
                 .bind(&fin.provider)
                 .execute(&mut *tx)
                 .await?;
-            }
         }
         sqlx::query(
             "UPDATE attempts SET finished_at = ?1, status_code = ?2, outcome = ?3, error = ?4, \

@@ -5,10 +5,12 @@ pub mod jsonl;
 pub mod logs;
 pub mod metrics;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::queue::{Job, ProviderState};
+use crate::queue::{Job, ProviderState, QueueStore};
 
 /// The instance's telemetry sinks.
 pub struct Telemetry {
@@ -16,15 +18,45 @@ pub struct Telemetry {
     jsonl: jsonl::JsonlWriter,
     /// Queued jobs in all, as last read from the database plus jobs accepted since.
     queued: AtomicI64,
+    /// Configured providers: their gauges are always exported (0 when idle), so a
+    /// provider's series does not vanish when its queue empties.
+    providers: Vec<String>,
+    /// Time spent on upstreams by jobs whose caller waits on this instance, for
+    /// `orch_overhead_seconds`. Entries exist only while a handler waits (see `WaitTally`).
+    waits: Mutex<HashMap<String, Waited>>,
+}
+
+/// What a job spent outside the gateway's own work.
+#[derive(Debug, Default, Clone, Copy)]
+struct Waited {
+    /// Inside upstream calls.
+    upstream: Duration,
+    /// Held back on purpose: retry back-off and cool-downs the policy scheduled.
+    held: Duration,
+    /// Upstream calls measured, to tell whether every attempt ran here.
+    calls: i64,
 }
 
 impl Telemetry {
-    pub fn new(metrics_dir: std::path::PathBuf, instance: String) -> Self {
-        Self {
+    pub fn new(
+        metrics_dir: std::path::PathBuf,
+        instance: String,
+        store: Arc<dyn QueueStore>,
+        providers: Vec<String>,
+    ) -> Self {
+        let t = Self {
             metrics: metrics::Metrics::new(),
-            jsonl: jsonl::JsonlWriter::start(metrics_dir, instance),
+            jsonl: jsonl::JsonlWriter::start(metrics_dir, instance, store),
             queued: AtomicI64::new(0),
+            providers,
+            waits: Mutex::new(HashMap::new()),
+        };
+        t.queue_depths(&[]);
+        t.running_counts(&[]);
+        for p in &t.providers {
+            t.metrics.provider_cooldown.with_label_values(&[p]).set(0.0);
         }
+        t
     }
 
     /// A job reached a terminal state on this instance.
@@ -40,11 +72,38 @@ impl Telemetry {
             .inc();
     }
 
-    pub fn upstream_latency(&self, provider: &str, d: Duration) {
+    /// One upstream call of `job_id` took `d`.
+    pub fn upstream_call(&self, job_id: &str, provider: &str, d: Duration) {
         self.metrics
             .upstream_latency
             .with_label_values(&[provider])
             .observe(d.as_secs_f64());
+        if let Some(w) = self.lock_waits().get_mut(job_id) {
+            w.upstream += d;
+            w.calls += 1;
+        }
+    }
+
+    /// The policy held `job_id` back for `d` (back-off before a retry, a cool-down).
+    pub fn held(&self, job_id: &str, d: Duration) {
+        if let Some(w) = self.lock_waits().get_mut(job_id) {
+            w.held += d;
+        }
+    }
+
+    /// Starts counting the upstream time of a job whose caller waits here; the count
+    /// ends when the returned tally is dropped.
+    pub fn track_wait(self: &Arc<Self>, job_id: &str) -> WaitTally {
+        self.lock_waits()
+            .insert(job_id.to_string(), Waited::default());
+        WaitTally {
+            telemetry: self.clone(),
+            job_id: job_id.to_string(),
+        }
+    }
+
+    fn lock_waits(&self) -> std::sync::MutexGuard<'_, HashMap<String, Waited>> {
+        self.waits.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn first_token(&self, provider: &str, d: Duration) {
@@ -75,6 +134,9 @@ impl Telemetry {
 
     pub fn queue_depths(&self, depths: &[(String, i64)]) {
         self.metrics.queue_depth.reset();
+        for p in &self.providers {
+            self.metrics.queue_depth.with_label_values(&[p]).set(0.0);
+        }
         for (p, n) in depths {
             self.metrics
                 .queue_depth
@@ -87,6 +149,9 @@ impl Telemetry {
 
     pub fn running_counts(&self, running: &[(String, i64)]) {
         self.metrics.jobs_running.reset();
+        for p in &self.providers {
+            self.metrics.jobs_running.with_label_values(&[p]).set(0.0);
+        }
         for (p, n) in running {
             self.metrics
                 .jobs_running
@@ -104,8 +169,52 @@ impl Telemetry {
         self.queued.fetch_add(n, Ordering::Relaxed);
     }
 
-    /// Waits until every JSONL line handed over so far is on disk.
+    /// Waits until every JSONL line handed over so far is on disk and marked written.
     pub async fn flush(&self) {
         self.jsonl.flush().await;
+    }
+
+    /// At shutdown: writes the pending lines and stops the writer.
+    pub async fn close(&self) {
+        self.jsonl.close().await;
+    }
+
+    /// Writes now the JSONL lines of finished jobs that have none and finished more than
+    /// `older_than` ago (a periodic sweep does this on its own). Returns lines written.
+    pub async fn sweep_lines(&self, older_than: Duration) -> usize {
+        self.jsonl.sweep(older_than).await
+    }
+}
+
+/// Counts the upstream time of one waiting request's job (see `Telemetry::track_wait`).
+pub struct WaitTally {
+    telemetry: Arc<Telemetry>,
+    job_id: String,
+}
+
+impl WaitTally {
+    /// Observes `orch_overhead_seconds` for a job that finished after `total` in the
+    /// gateway: `total` minus time in upstream calls minus back-off and cool-downs the
+    /// policy chose (tensorzero's definition: what the gateway adds to the provider's
+    /// time). Skipped when an attempt ran on another instance: its time is unknown here.
+    pub fn observe(&self, job: &Job, total: Duration) {
+        let Some(w) = self.telemetry.lock_waits().get(&self.job_id).copied() else {
+            return;
+        };
+        if w.calls != job.attempt_count {
+            return;
+        }
+        let overhead = total.saturating_sub(w.upstream).saturating_sub(w.held);
+        self.telemetry
+            .metrics
+            .overhead
+            .with_label_values(&[&job.task])
+            .observe(overhead.as_secs_f64());
+    }
+}
+
+impl Drop for WaitTally {
+    fn drop(&mut self) {
+        self.telemetry.lock_waits().remove(&self.job_id);
     }
 }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::policy::{self, Decision};
 use super::{Shared, StreamEvent};
@@ -17,6 +18,13 @@ use crate::queue::{
 };
 
 pub async fn run(shared: Arc<Shared>, provider: Arc<dyn Provider>, leased: LeasedJob) {
+    // Everything logged while this attempt runs (here, in the renewer, in the adapter)
+    // carries the job id through this span, besides the explicit `job_id` fields.
+    let span = tracing::info_span!("job", job_id = %leased.job.id, provider = %leased.job.provider, attempt = leased.attempt_n);
+    attempt(shared, provider, leased).instrument(span).await
+}
+
+async fn attempt(shared: Arc<Shared>, provider: Arc<dyn Provider>, leased: LeasedJob) {
     let LeasedJob { job, attempt_n } = leased;
     let token = shared.abort_calls.child_token();
     {
@@ -24,10 +32,7 @@ pub async fn run(shared: Arc<Shared>, provider: Arc<dyn Provider>, leased: Lease
         running.insert(job.id.clone(), token.clone());
     }
     let renewer = spawn_renewer(&shared, &job.id, token.clone());
-    let span =
-        tracing::info_span!("job", job_id = %job.id, provider = %job.provider, attempt = attempt_n);
-    let _enter = span.enter();
-    drop(_enter);
+    tracing::debug!(job_id = %job.id, provider = %job.provider, attempt = attempt_n, "calling upstream");
 
     let started = Instant::now();
     let verdict = match serde_json::from_str::<ChatBody>(&job.request) {
@@ -57,7 +62,9 @@ pub async fn run(shared: Arc<Shared>, provider: Arc<dyn Provider>, leased: Lease
         running.remove(&job.id);
     }
     let latency = started.elapsed();
-    shared.telemetry.upstream_latency(&job.provider, latency);
+    shared
+        .telemetry
+        .upstream_call(&job.id, &job.provider, latency);
     match verdict {
         // Cancelled (the row says so already) or aborted at shutdown (leases are released).
         None => {
@@ -99,6 +106,7 @@ fn spawn_renewer(
     let job_id = job_id.to_string();
     let lease = shared.settings.lease;
     let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(30_000);
+    let span = tracing::Span::current();
     tokio::spawn(async move {
         let every = (lease / 3).max(Duration::from_millis(500));
         loop {
@@ -119,7 +127,7 @@ fn spawn_renewer(
                 }
             }
         }
-    })
+    }.instrument(span))
 }
 
 async fn stream_call(
@@ -134,6 +142,8 @@ async fn stream_call(
         return None;
     };
     let idle = Duration::from_secs_f64(provider.config().timeout_s);
+    // Time to first token counts from the start of the call, as a client would see it.
+    let call_started = Instant::now();
     let mut upstream = tokio::select! {
         r = provider.stream(body) => match r {
             Ok(s) => s,
@@ -146,7 +156,6 @@ async fn stream_call(
         }
     };
     let mut asm = Assembler::default();
-    let first_chunk_at = Instant::now();
     loop {
         let next = tokio::select! {
             n = tokio::time::timeout(idle, upstream.next()) => n.unwrap_or(Some(Err(ProviderError::Timeout(idle)))),
@@ -161,7 +170,7 @@ async fn stream_call(
                 if asm.chunks == 0 {
                     shared
                         .telemetry
-                        .first_token(&job.provider, first_chunk_at.elapsed());
+                        .first_token(&job.provider, call_started.elapsed());
                 }
                 asm.push(&chunk);
                 if tx.send(StreamEvent::Chunk(chunk)).await.is_err() {
@@ -335,7 +344,11 @@ async fn settle(
         Transition::Requeue {
             provider, run_at, ..
         } => {
-            tracing::info!(job_id = %job.id, outcome = decision.outcome.as_str(), next = %provider, delay_ms = run_at - now, "job re-queued");
+            let delay_ms = (run_at - now).max(0);
+            tracing::info!(job_id = %job.id, outcome = decision.outcome.as_str(), next = %provider, delay_ms, error = fin.error.as_deref().unwrap_or(""), "job re-queued");
+            shared
+                .telemetry
+                .held(&job.id, Duration::from_millis(delay_ms.unsigned_abs()));
             shared.signals.wake_pool(provider);
         }
         _ => {

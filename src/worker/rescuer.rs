@@ -31,6 +31,45 @@ pub async fn run(shared: Arc<Shared>) {
             Err(e) => tracing::warn!(error = %e, "rescuer could not reach the database"),
         }
         refresh(&shared).await;
+        purge_expired(&shared).await;
+    }
+}
+
+/// Jobs deleted per transaction by retention: small, so the single SQLite writer (or a
+/// Postgres table lock) is never held for long and leases go on between batches.
+const PURGE_BATCH: i64 = 200;
+/// Batches per upkeep round; a backlog (retention just switched on) drains over rounds.
+const PURGE_ROUNDS: usize = 5;
+const DAY_MS: i64 = 24 * 3600 * 1000;
+
+/// `ORCH_RETENTION_DAYS`: deletes jobs (and their attempts) finished more than that many
+/// days ago, a few small batches per round.
+async fn purge_expired(shared: &Shared) {
+    let Some(days) = shared.settings.retention_days else {
+        return;
+    };
+    let Ok(now) = shared.store.now_ms().await else {
+        return;
+    };
+    let before = now - i64::from(days) * DAY_MS;
+    let mut purged = 0;
+    for _ in 0..PURGE_ROUNDS {
+        match shared.store.purge_finished(before, PURGE_BATCH).await {
+            Ok(n) => {
+                purged += n;
+                if n < PURGE_BATCH as u64 {
+                    break;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "retention purge failed; will retry");
+                break;
+            }
+        }
+        tokio::task::yield_now().await;
+    }
+    if purged > 0 {
+        tracing::info!(jobs = purged, days, "purged finished jobs past retention");
     }
 }
 

@@ -3,9 +3,12 @@
 
 mod support;
 
+mod access;
 mod bad_input;
 mod budgets;
 mod chat;
 mod durability;
+mod hygiene;
+mod observability;
 mod resilience;
 mod sdk;

@@ -32,6 +32,9 @@ pub enum Reply {
     Hang,
     /// Streams `n` chunks, then breaks the connection.
     BreakStreamAfter(usize),
+    /// This status with an error message that repeats the `Authorization` header it got
+    /// (as careless upstreams do), to check the gateway never passes the key on.
+    EchoAuth(u16),
 }
 
 impl Reply {
@@ -63,6 +66,8 @@ pub struct Call {
 struct Inner {
     calls: Mutex<Vec<Call>>,
     script: Mutex<VecDeque<Reply>>,
+    /// Answer once the script is used up (default `Reply::Ok`).
+    fallback: Mutex<Option<Reply>>,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
     latency_ms: AtomicUsize,
@@ -97,6 +102,11 @@ impl FakeOpenAi {
     /// Answers the next calls with these replies, in order; after them, `Reply::Ok`.
     pub fn script(&self, replies: impl IntoIterator<Item = Reply>) {
         self.inner.script.lock().unwrap().extend(replies);
+    }
+
+    /// Answers with `reply` whenever the script is empty.
+    pub fn set_fallback(&self, reply: Reply) {
+        *self.inner.fallback.lock().unwrap() = Some(reply);
     }
 
     /// Every successful answer takes this long.
@@ -153,17 +163,20 @@ async fn handle(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Body)
         .await
         .unwrap_or_default();
     let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let auth = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
     inner.calls.lock().unwrap().push(Call {
         at: Instant::now(),
         body: body.clone(),
         headers,
     });
     let guard = InFlight::enter(&inner);
-    let reply = inner
-        .script
-        .lock()
-        .unwrap()
-        .pop_front()
+    let scripted = inner.script.lock().unwrap().pop_front();
+    let reply = scripted
+        .or_else(|| inner.fallback.lock().unwrap().clone())
         .unwrap_or(Reply::Ok);
     let latency = Duration::from_millis(inner.latency_ms.load(Ordering::SeqCst) as u64);
     match reply {
@@ -201,6 +214,15 @@ async fn handle(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Body)
                     v.parse().unwrap(),
                 );
             }
+            resp
+        }
+        Reply::EchoAuth(status) => {
+            drop(guard);
+            let body = json!({"error": {"message": format!("Incorrect API key provided: {auth}. Check your key."), "type": "invalid_request_error", "param": auth}});
+            let mut resp =
+                (StatusCode::from_u16(status).unwrap(), body.to_string()).into_response();
+            resp.headers_mut()
+                .insert("content-type", "application/json".parse().unwrap());
             resp
         }
         Reply::Garbage(text) => {

@@ -44,6 +44,8 @@ pub struct TestApp {
     pub env: HashMap<String, String>,
     pub shutdown: CancellationToken,
     pub handle: Option<tokio::task::JoinHandle<()>>,
+    /// The running app's internals (store, telemetry), for checks behind the HTTP API.
+    pub shared: std::sync::Arc<llm_orch::worker::Shared>,
     /// Stops the app when the test drops it.
     _guard: tokio_util::sync::DropGuard,
 }
@@ -108,6 +110,7 @@ pub async fn start_in(dir: tempfile::TempDir, env: HashMap<String, String>) -> T
     let app = App::build(settings).await.expect("app builds");
     let addr = app.local_addr();
     let shutdown = app.shutdown_token();
+    let shared = app.shared();
     let handle = tokio::spawn(async move {
         app.run().await.unwrap();
     });
@@ -120,6 +123,7 @@ pub async fn start_in(dir: tempfile::TempDir, env: HashMap<String, String>) -> T
             .build()
             .unwrap(),
         env,
+        shared,
         _guard: shutdown.clone().drop_guard(),
         shutdown,
         handle: Some(handle),
@@ -189,6 +193,14 @@ impl TestApp {
         }
         (self.dir, self.env)
     }
+}
+
+/// The job id of an answer (`x-orch-request-id`).
+pub fn req_id(resp: &reqwest::Response) -> String {
+    resp.headers()["x-orch-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string()
 }
 
 pub fn user(text: &str) -> Value {

@@ -7,6 +7,7 @@
 //! that leases, so every instance sharing the database sees the same numbers.
 
 pub mod model;
+pub mod postgres;
 pub mod row;
 pub mod signals;
 pub mod sqlite;

@@ -18,7 +18,11 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Connection, SqliteConnection, SqlitePool};
 use tokio::sync::Mutex;
 
-use super::row::{AttemptRow, JobRow, chain_json, error_json, estimate_tokens};
+use super::row::{
+    AttemptRow, InstanceRow, JobRow, ProviderStateRow, WindowUse, blocked_by_state,
+    cancelled_error, chain_json, error_json, interrupted_attempt_error, lease_room,
+    orphaned_stream_error, take_within_tpm,
+};
 use super::*;
 use crate::config::SqliteSync;
 use crate::{attempt_columns, job_columns};
@@ -122,23 +126,12 @@ impl SqliteStore {
             )
             .bind(outcome.as_str())
             .bind(now)
-            .bind(match outcome {
-                AttemptOutcome::Released => "instance shut down before the call finished",
-                _ => "lease expired: the instance running this attempt stopped",
-            })
+            .bind(interrupted_attempt_error(outcome))
             .bind(&id)
             .execute(&mut *tx)
             .await?;
             if pinned.is_some() {
-                // A stream's client was connected to the instance that stopped: nobody can
-                // receive the answer any more, so the job ends instead of running again.
-                let err = JobError {
-                    status: 502,
-                    kind: "provider_server_error".into(),
-                    message: "the instance serving this stream stopped before it finished".into(),
-                    code: None,
-                    retry_after: None,
-                };
+                let err = orphaned_stream_error();
                 sqlx::query(
                     "UPDATE jobs SET status = 'failed', finished_at = ?1, status_code = 502, error = ?2, \
                      lease_owner = NULL, lease_expires_at = NULL WHERE id = ?3",
@@ -244,58 +237,32 @@ impl QueueStore for SqliteStore {
         .bind(&req.provider)
         .fetch_optional(&mut *tx)
         .await?;
-        if let Some((cooldown, breaker)) = state {
-            if cooldown > now {
-                return Ok(Lease {
-                    blocked: Some(Blocked::Cooldown(cooldown)),
-                    ..Lease::default()
-                });
-            }
-            if breaker > now {
-                return Ok(Lease {
-                    blocked: Some(Blocked::Breaker(breaker)),
-                    ..Lease::default()
-                });
-            }
+        if let Some(why) = state.and_then(|(c, b)| blocked_by_state(now, c, b)) {
+            return Ok(Lease::blocked(why));
         }
         let (running,): (i64,) =
             sqlx::query_as("SELECT COUNT(*) FROM jobs WHERE provider = ?1 AND status = 'running'")
                 .bind(&req.provider)
                 .fetch_one(&mut *tx)
                 .await?;
-        let free_slots = i64::from(req.budget.concurrency) - running;
-        if free_slots <= 0 {
-            return Ok(Lease {
-                blocked: Some(Blocked::Concurrency),
-                ..Lease::default()
-            });
-        }
-        let window_start = now - 60_000;
         let (started, oldest, tokens): (i64, Option<i64>, i64) = sqlx::query_as(
             "SELECT COUNT(*), MIN(started_at), COALESCE(SUM(tokens), 0) FROM attempts \
              WHERE provider = ?1 AND started_at > ?2",
         )
         .bind(&req.provider)
-        .bind(window_start)
+        .bind(now - 60_000)
         .fetch_one(&mut *tx)
         .await?;
-        let window_frees_at = oldest.unwrap_or(now) + 60_000 + 1;
-        let rpm_left = i64::from(req.budget.rpm) - started;
-        if rpm_left <= 0 {
-            return Ok(Lease {
-                blocked: Some(Blocked::Rpm(window_frees_at)),
-                ..Lease::default()
-            });
-        }
-        if let Some(tpm) = req.budget.tpm
-            && tokens >= i64::from(tpm)
-        {
-            return Ok(Lease {
-                blocked: Some(Blocked::Tpm(window_frees_at)),
-                ..Lease::default()
-            });
-        }
-        let limit = free_slots.min(rpm_left).min(i64::from(req.max_jobs.max(1)));
+        let used = WindowUse {
+            running,
+            started,
+            oldest,
+            tokens,
+        };
+        let limit = match lease_room(now, req, &used) {
+            Ok(limit) => limit,
+            Err(why) => return Ok(Lease::blocked(why)),
+        };
         let rows: Vec<JobRow> = sqlx::query_as(concat!("SELECT ", job_columns!(), " FROM jobs WHERE provider = ?1 AND status = 'queued' AND run_at <= ?2 \
              AND (pinned_instance IS NULL OR pinned_instance = ?3) ORDER BY priority, run_at LIMIT ?4"))
         .bind(&req.provider)
@@ -318,36 +285,17 @@ impl QueueStore for SqliteStore {
                 ..Lease::default()
             });
         }
-        let lease_until = now + req.lease_ms;
-        let mut jobs = Vec::with_capacity(rows.len());
-        let mut tokens_used = tokens;
-        for row in rows {
-            let mut job = Job::try_from(row)?;
-            let estimate = if req.budget.tpm.is_some() {
-                estimate_tokens(&job.request)
-            } else {
-                0
-            };
-            if let Some(tpm) = req.budget.tpm {
-                // Always let the first call of an empty window through, however large.
-                if !jobs.is_empty() && tokens_used + estimate > i64::from(tpm) {
-                    break;
-                }
-            }
-            tokens_used += estimate;
-            job.status = JobStatus::Running;
-            job.lease_owner = Some(req.instance.clone());
-            job.lease_expires_at = Some(lease_until);
-            job.started_at = job.started_at.or(Some(now));
-            job.attempt_count += 1;
-            job.hop_tries += 1;
+        let taken = take_within_tpm(rows, req, tokens, now)?;
+        let mut jobs = Vec::with_capacity(taken.len());
+        for (leased, estimate) in taken {
+            let job = &leased.job;
             sqlx::query(
                 "UPDATE jobs SET status = 'running', lease_owner = ?1, lease_expires_at = ?2, \
                  started_at = COALESCE(started_at, ?3), attempt_count = attempt_count + 1, \
                  hop_tries = hop_tries + 1 WHERE id = ?4",
             )
             .bind(&req.instance)
-            .bind(lease_until)
+            .bind(job.lease_expires_at)
             .bind(now)
             .bind(&job.id)
             .execute(&mut *tx)
@@ -357,7 +305,7 @@ impl QueueStore for SqliteStore {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'running', ?7)",
             )
             .bind(&job.id)
-            .bind(job.attempt_count)
+            .bind(leased.attempt_n)
             .bind(&req.provider)
             .bind(&req.model)
             .bind(&req.instance)
@@ -365,8 +313,7 @@ impl QueueStore for SqliteStore {
             .bind(estimate)
             .execute(&mut *tx)
             .await?;
-            let attempt_n = job.attempt_count;
-            jobs.push(LeasedJob { job, attempt_n });
+            jobs.push(leased);
         }
         tx.commit().await?;
         Ok(Lease {
@@ -460,13 +407,7 @@ impl QueueStore for SqliteStore {
         {
             let mut conn = self.writer.lock().await;
             let mut tx = conn.begin().await?;
-            let err = JobError {
-                status: 499,
-                kind: "cancelled".into(),
-                message: "the job was cancelled".into(),
-                code: Some("cancelled".into()),
-                retry_after: None,
-            };
+            let err = cancelled_error();
             let done = sqlx::query(
                 "UPDATE jobs SET status = 'cancelled', finished_at = ?1, status_code = 499, error = ?2, \
                  lease_owner = NULL, lease_expires_at = NULL WHERE id = ?3 AND status IN ('queued', 'running')",
@@ -491,11 +432,7 @@ impl QueueStore for SqliteStore {
     }
 
     async fn rescue(&self, scope: RescueScope<'_>) -> StoreResult<Vec<String>> {
-        let (owner, expired_only) = match scope {
-            RescueScope::Expired => (None, true),
-            RescueScope::Owner(o) => (Some(o), false),
-            RescueScope::All => (None, false),
-        };
+        let (owner, expired_only) = scope.filters();
         self.requeue_running(owner, expired_only, AttemptOutcome::Lost)
             .await
     }
@@ -522,24 +459,12 @@ impl QueueStore for SqliteStore {
     }
 
     async fn provider_states(&self) -> StoreResult<Vec<ProviderState>> {
-        let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+        let rows: Vec<ProviderStateRow> = sqlx::query_as(
             "SELECT provider, cooldown_until, consecutive_failures, breaker_open_until FROM provider_state ORDER BY provider",
         )
         .fetch_all(&self.readers)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(
-                |(provider, cooldown_until, consecutive_failures, breaker_open_until)| {
-                    ProviderState {
-                        provider,
-                        cooldown_until,
-                        consecutive_failures,
-                        breaker_open_until,
-                    }
-                },
-            )
-            .collect())
+        Ok(rows.into_iter().map(ProviderState::from).collect())
     }
 
     async fn finished_jobs(
@@ -582,19 +507,12 @@ impl QueueStore for SqliteStore {
     }
 
     async fn instances(&self, since_ms: i64) -> StoreResult<Vec<InstanceInfo>> {
-        let rows: Vec<(String, i64, i64)> =
+        let rows: Vec<InstanceRow> =
             sqlx::query_as("SELECT id, started_at, heartbeat_at FROM instances WHERE heartbeat_at > ?1 ORDER BY id")
                 .bind(since_ms)
                 .fetch_all(&self.readers)
                 .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(id, started_at, heartbeat_at)| InstanceInfo {
-                id,
-                started_at,
-                heartbeat_at,
-            })
-            .collect())
+        Ok(rows.into_iter().map(InstanceInfo::from).collect())
     }
 
     async fn unwritten_metrics(&self, before_ms: i64, limit: i64) -> StoreResult<Vec<Job>> {

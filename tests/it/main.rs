@@ -4,3 +4,4 @@
 mod support;
 
 mod chat;
+mod store_conformance;

@@ -4,4 +4,5 @@
 mod support;
 
 mod chat;
+mod multi_instance;
 mod store_conformance;

@@ -377,8 +377,14 @@ async fn postgres_restart_loses_nothing() {
     for j in &jobs {
         assert_eq!(j["status"], "succeeded", "{j}");
     }
-    // Both instances still serve.
     for n in 0..2 {
+        // Both instances still serve, and listen again for each other's news.
         assert_eq!(c.health(n).await, 200);
+        let log = std::fs::read_to_string(c.dir.path().join(format!("log-{n}.txt"))).unwrap();
+        assert!(
+            log.contains("listening again for other instances' news")
+                || log.contains("listener connection was lost and re-established"),
+            "node-{n} did not re-establish its listener:\n{log}"
+        );
     }
 }

@@ -49,8 +49,8 @@ pub async fn open_store(settings: &Settings) -> Result<Arc<dyn QueueStore>, queu
         DatabaseUrl::Sqlite(path) => Ok(Arc::new(
             queue::sqlite::SqliteStore::open(path, settings.sqlite_sync).await?,
         )),
-        DatabaseUrl::Postgres(_) => Err(queue::StoreError::Open(
-            "Postgres is not supported by this build yet; use sqlite://PATH".into(),
+        DatabaseUrl::Postgres(url) => Ok(Arc::new(
+            queue::postgres::PostgresStore::connect(url).await?,
         )),
     }
 }

@@ -306,15 +306,20 @@ async fn wait_for(
             return Ok(render::finished(&job));
         }
         // A signal from another instance, or the safety poll: read the row.
-        if let Some(job) = shared.store.get_job(&job_id).await? {
-            if job.status.is_terminal() {
+        match shared.store.get_job(&job_id).await {
+            Ok(Some(job)) if job.status.is_terminal() => {
                 if let Some(t) = tally {
                     t.observe(&job, received.elapsed());
                 }
                 return Ok(render::finished(&job));
             }
-        } else {
-            return Err(ApiError::not_found(format!("job {job_id} disappeared")));
+            Ok(Some(_)) => {}
+            Ok(None) => return Err(ApiError::not_found(format!("job {job_id} disappeared"))),
+            // The job is durable and will complete once the database is back (a Postgres
+            // restart): keep waiting within the deadline instead of failing the request.
+            Err(e) => {
+                tracing::warn!(job_id = %job_id, error = %e, "cannot read the job yet; still waiting")
+            }
         }
         watch.rearm();
     }

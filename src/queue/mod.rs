@@ -8,6 +8,7 @@
 
 pub mod budget;
 pub mod model;
+pub mod postgres;
 pub mod row;
 pub mod signals;
 pub mod sqlite;

@@ -1,7 +1,10 @@
 //! Row shapes shared by both backends: both store times and counters as 64-bit integers
 //! and JSON as text, so one decoding serves SQLite and Postgres.
 
-use super::{Attempt, Job, JobError, JobStatus, StoreError};
+use super::{
+    Attempt, AttemptOutcome, Blocked, InstanceInfo, Job, JobError, JobStatus, Lease, LeaseRequest,
+    LeasedJob, ProviderState, RescueScope, StoreError, StoreResult,
+};
 
 /// The columns of `jobs`, in the order `JobRow` reads them (a macro so that queries stay
 /// `&'static str`, which sqlx requires of SQL text).
@@ -158,4 +161,122 @@ pub fn error_json(e: &JobError) -> String {
 /// The chain as stored.
 pub fn chain_json(chain: &[String]) -> String {
     serde_json::to_string(chain).unwrap_or_else(|_| "[]".into())
+}
+
+/// The error a cancelled job answers with.
+pub fn cancelled_error() -> JobError {
+    JobError {
+        status: 499,
+        kind: "cancelled".into(),
+        message: "the job was cancelled".into(),
+        code: Some("cancelled".into()),
+        retry_after: None,
+    }
+}
+
+/// The error of a stream whose instance stopped: its client was connected there, so
+/// nobody can receive the answer any more and the job ends instead of running again.
+pub fn orphaned_stream_error() -> JobError {
+    JobError {
+        status: 502,
+        kind: "provider_server_error".into(),
+        message: "the instance serving this stream stopped before it finished".into(),
+        code: None,
+        retry_after: None,
+    }
+}
+
+/// The error recorded on an attempt that a rescue or a release ended.
+pub fn interrupted_attempt_error(outcome: AttemptOutcome) -> &'static str {
+    match outcome {
+        AttemptOutcome::Released => "instance shut down before the call finished",
+        _ => "lease expired: the instance running this attempt stopped",
+    }
+}
+
+impl Lease {
+    /// A lease that the budget stopped.
+    pub fn blocked(why: Blocked) -> Self {
+        Lease {
+            blocked: Some(why),
+            ..Lease::default()
+        }
+    }
+}
+
+/// Takes the candidate rows in order while the tpm budget lasts and marks them leased
+/// (as the lease will write them). Returns each job with its token estimate.
+pub fn take_within_tpm(
+    rows: Vec<JobRow>,
+    req: &LeaseRequest,
+    used_tokens: i64,
+    now: i64,
+) -> StoreResult<Vec<(LeasedJob, i64)>> {
+    let lease_until = now + req.lease_ms;
+    let mut tokens_used = used_tokens;
+    let mut taken = Vec::with_capacity(rows.len());
+    for row in rows {
+        let mut job = Job::try_from(row)?;
+        let estimate = match req.budget.tpm {
+            Some(_) => estimate_tokens(&job.request),
+            None => 0,
+        };
+        if let Some(tpm) = req.budget.tpm {
+            // Always let the first call of an empty window through, however large.
+            if !taken.is_empty() && tokens_used + estimate > i64::from(tpm) {
+                break;
+            }
+        }
+        tokens_used += estimate;
+        job.status = JobStatus::Running;
+        job.lease_owner = Some(req.instance.clone());
+        job.lease_expires_at = Some(lease_until);
+        job.started_at = job.started_at.or(Some(now));
+        job.attempt_count += 1;
+        job.hop_tries += 1;
+        let attempt_n = job.attempt_count;
+        taken.push((LeasedJob { job, attempt_n }, estimate));
+    }
+    Ok(taken)
+}
+
+impl RescueScope<'_> {
+    /// The scope as the rescue query's filters: the lease owner (any when `None`), and
+    /// whether only expired leases count.
+    pub fn filters(&self) -> (Option<&str>, bool) {
+        match *self {
+            RescueScope::Expired => (None, true),
+            RescueScope::Owner(o) => (Some(o), false),
+            RescueScope::All => (None, false),
+        }
+    }
+}
+
+/// `provider, cooldown_until, consecutive_failures, breaker_open_until`, as selected.
+pub type ProviderStateRow = (String, i64, i64, i64);
+
+impl From<ProviderStateRow> for ProviderState {
+    fn from(
+        (provider, cooldown_until, consecutive_failures, breaker_open_until): ProviderStateRow,
+    ) -> Self {
+        ProviderState {
+            provider,
+            cooldown_until,
+            consecutive_failures,
+            breaker_open_until,
+        }
+    }
+}
+
+/// `id, started_at, heartbeat_at`, as selected.
+pub type InstanceRow = (String, i64, i64);
+
+impl From<InstanceRow> for InstanceInfo {
+    fn from((id, started_at, heartbeat_at): InstanceRow) -> Self {
+        InstanceInfo {
+            id,
+            started_at,
+            heartbeat_at,
+        }
+    }
 }

@@ -62,6 +62,25 @@ impl Signals {
         }
     }
 
+    /// Wakes every pool and tells every waiter to re-read its job: news may have been
+    /// missed (another instance's notifications while our listener was disconnected).
+    pub fn wake_all(&self) {
+        let pools: Vec<Arc<Notify>> = {
+            let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+            pools.values().cloned().collect()
+        };
+        for pool in pools {
+            pool.notify_one();
+        }
+        let waiters = {
+            let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+            std::mem::take(&mut *waiters)
+        };
+        for tx in waiters.into_values().flatten() {
+            let _ = tx.send(None);
+        }
+    }
+
     /// Is anyone on this instance waiting for this job?
     pub fn has_waiter(&self, id: &str) -> bool {
         let waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());

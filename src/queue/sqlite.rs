@@ -18,7 +18,10 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Connection, SqliteConnection, SqlitePool};
 use tokio::sync::Mutex;
 
-use super::row::{AttemptRow, JobRow, chain_json, error_json, estimate_tokens};
+use super::row::{
+    AttemptRow, InstanceRow, JobRow, ProviderStateRow, cancelled_error, chain_json, error_json,
+    estimate_tokens, interrupted_attempt_error, orphaned_stream_error,
+};
 use super::*;
 use crate::config::SqliteSync;
 use crate::{attempt_columns, job_columns};
@@ -122,23 +125,12 @@ impl SqliteStore {
             )
             .bind(outcome.as_str())
             .bind(now)
-            .bind(match outcome {
-                AttemptOutcome::Released => "instance shut down before the call finished",
-                _ => "lease expired: the instance running this attempt stopped",
-            })
+            .bind(interrupted_attempt_error(outcome))
             .bind(&id)
             .execute(&mut *tx)
             .await?;
             if pinned.is_some() {
-                // A stream's client was connected to the instance that stopped: nobody can
-                // receive the answer any more, so the job ends instead of running again.
-                let err = JobError {
-                    status: 502,
-                    kind: "provider_server_error".into(),
-                    message: "the instance serving this stream stopped before it finished".into(),
-                    code: None,
-                    retry_after: None,
-                };
+                let err = orphaned_stream_error();
                 sqlx::query(
                     "UPDATE jobs SET status = 'failed', finished_at = ?1, status_code = 502, error = ?2, \
                      lease_owner = NULL, lease_expires_at = NULL WHERE id = ?3",
@@ -455,13 +447,7 @@ impl QueueStore for SqliteStore {
         {
             let mut conn = self.writer.lock().await;
             let mut tx = conn.begin().await?;
-            let err = JobError {
-                status: 499,
-                kind: "cancelled".into(),
-                message: "the job was cancelled".into(),
-                code: Some("cancelled".into()),
-                retry_after: None,
-            };
+            let err = cancelled_error();
             let done = sqlx::query(
                 "UPDATE jobs SET status = 'cancelled', finished_at = ?1, status_code = 499, error = ?2, \
                  lease_owner = NULL, lease_expires_at = NULL WHERE id = ?3 AND status IN ('queued', 'running')",
@@ -525,24 +511,12 @@ impl QueueStore for SqliteStore {
     }
 
     async fn provider_states(&self) -> StoreResult<Vec<ProviderState>> {
-        let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+        let rows: Vec<ProviderStateRow> = sqlx::query_as(
             "SELECT provider, cooldown_until, consecutive_failures, breaker_open_until FROM provider_state ORDER BY provider",
         )
         .fetch_all(&self.readers)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(
-                |(provider, cooldown_until, consecutive_failures, breaker_open_until)| {
-                    ProviderState {
-                        provider,
-                        cooldown_until,
-                        consecutive_failures,
-                        breaker_open_until,
-                    }
-                },
-            )
-            .collect())
+        Ok(rows.into_iter().map(ProviderState::from).collect())
     }
 
     async fn finished_jobs(
@@ -585,19 +559,12 @@ impl QueueStore for SqliteStore {
     }
 
     async fn instances(&self, since_ms: i64) -> StoreResult<Vec<InstanceInfo>> {
-        let rows: Vec<(String, i64, i64)> =
+        let rows: Vec<InstanceRow> =
             sqlx::query_as("SELECT id, started_at, heartbeat_at FROM instances WHERE heartbeat_at > ?1 ORDER BY id")
                 .bind(since_ms)
                 .fetch_all(&self.readers)
                 .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(id, started_at, heartbeat_at)| InstanceInfo {
-                id,
-                started_at,
-                heartbeat_at,
-            })
-            .collect())
+        Ok(rows.into_iter().map(InstanceInfo::from).collect())
     }
 
     async fn unwritten_metrics(&self, before_ms: i64, limit: i64) -> StoreResult<Vec<Job>> {

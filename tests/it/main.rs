@@ -9,6 +9,8 @@ mod budgets;
 mod chat;
 mod durability;
 mod hygiene;
+mod multi_instance;
 mod observability;
 mod resilience;
 mod sdk;
+mod store_conformance;

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod fake_openai;
+pub mod pg;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

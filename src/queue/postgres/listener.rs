@@ -1,0 +1,80 @@
+//! `LISTEN` for other instances' news and turn it into local signals.
+//!
+//! Notifications are transient: those sent while our connection was down are gone. So
+//! after every (re)connection but the first, every pool and every waiter is woken to look
+//! at the database itself; the slow polls stay as the last safety net.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::{PgListener, PgPool};
+use tokio_util::sync::CancellationToken;
+
+use super::{CHANNEL_FINISHED, CHANNEL_PROVIDER};
+use crate::queue::Signals;
+
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+pub async fn run(pool: PgPool, signals: Arc<Signals>, stop: CancellationToken) {
+    let mut connected_before = false;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let attempt = tokio::select! {
+            l = connect(&pool) => l,
+            _ = stop.cancelled() => return,
+        };
+        let mut listener = match attempt {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for other instances' news; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        if connected_before {
+            tracing::info!("listening again for other instances' news");
+            signals.wake_all();
+        }
+        connected_before = true;
+        loop {
+            let got = tokio::select! {
+                r = listener.try_recv() => r,
+                _ = stop.cancelled() => return,
+            };
+            match got {
+                Ok(Some(n)) => dispatch(&signals, n.channel(), n.payload()),
+                // The connection dropped and sqlx re-established it (re-listening):
+                // whatever was sent in between is lost, so everyone looks again.
+                Ok(None) => {
+                    tracing::warn!("listener connection was lost and re-established");
+                    signals.wake_all();
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "listener connection lost; reconnecting");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn connect(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener
+        .listen_all([CHANNEL_PROVIDER, CHANNEL_FINISHED])
+        .await?;
+    Ok(listener)
+}
+
+fn dispatch(signals: &Signals, channel: &str, payload: &str) {
+    match channel {
+        CHANNEL_PROVIDER => signals.wake_pool(payload),
+        CHANNEL_FINISHED => signals.job_finished(payload, None),
+        _ => {}
+    }
+}

@@ -1,0 +1,390 @@
+//! Several real `llm-orch` processes on one Postgres database and one fake upstream:
+//! budgets hold across instances, news crosses instances, a killed instance's jobs
+//! complete elsewhere, and a Postgres restart loses nothing.
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::support::pg::{self, TestDb};
+use crate::support::*;
+
+/// Instances sharing one test database, each with its own folder and log.
+struct Cluster {
+    dir: tempfile::TempDir,
+    db_url: String,
+    nodes: Vec<Binary>,
+    http: reqwest::Client,
+}
+
+impl Cluster {
+    fn new(db: &TestDb) -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+            db_url: db.url.clone(),
+            nodes: vec![],
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .unwrap(),
+        }
+    }
+
+    /// Starts instance `node-N` whose provider `up` (on `fake`) has these limits.
+    async fn start(&mut self, fake: &FakeOpenAi, limits: &str, lease_secs: u32) -> usize {
+        let n = self.nodes.len();
+        let dir = self.dir.path().join(format!("node-{n}"));
+        let opts = Options::new(
+            openai_provider("up", &fake.base_url(), &format!("{limits}\ntimeout_s = 60")),
+            router_yaml(&["up"], ""),
+        )
+        .env("ORCH_DATABASE_URL", &self.db_url)
+        .env("ORCH_INSTANCE_ID", &format!("node-{n}"))
+        .env("ORCH_LEASE_SECONDS", &lease_secs.to_string())
+        .env("RUST_LOG", "info");
+        let env: HashMap<String, String> = prepare(&dir, &opts);
+        let node = spawn_binary(self.dir.path(), &env, &format!("log-{n}.txt"));
+        node.wait_ready(Duration::from_secs(30)).await;
+        self.nodes.push(node);
+        n
+    }
+
+    /// Submits an async job through node `n`; returns its id.
+    async fn submit(&self, n: usize, text: &str) -> String {
+        let resp = self
+            .http
+            .post(format!("{}/v1/chat/completions", self.nodes[n].url))
+            .header("x-orch-async", "true")
+            .json(&user(text))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            resp.status(),
+            202,
+            "{}",
+            resp.text().await.unwrap_or_default()
+        );
+        let job: Value = resp.json().await.unwrap();
+        job["id"].as_str().unwrap().to_string()
+    }
+
+    async fn job(&self, n: usize, id: &str) -> Value {
+        self.http
+            .get(format!("{}/v1/jobs/{id}", self.nodes[n].url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Polls through node `n` until every job finished; returns them.
+    async fn wait_all(&self, n: usize, ids: &[String], within: Duration) -> Vec<Value> {
+        let end = Instant::now() + within;
+        let mut done = Vec::new();
+        for id in ids {
+            loop {
+                let job = self.job(n, id).await;
+                if ["succeeded", "failed", "cancelled"]
+                    .contains(&job["status"].as_str().unwrap_or(""))
+                {
+                    done.push(job);
+                    break;
+                }
+                assert!(Instant::now() < end, "job {id} did not finish: {job}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        done
+    }
+
+    async fn health(&self, n: usize) -> u16 {
+        match self
+            .http
+            .get(format!("{}/healthz", self.nodes[n].url))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+        {
+            Ok(r) => r.status().as_u16(),
+            Err(_) => 0,
+        }
+    }
+}
+
+async fn wait_until(what: &str, within: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let end = Instant::now() + within;
+    while !check().await {
+        assert!(Instant::now() < end, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_holds_across_instances_and_is_used() {
+    let db = TestDb::create().await;
+    let fake = FakeOpenAi::start().await;
+    fake.set_latency(Duration::from_millis(300));
+    let mut c = Cluster::new(&db);
+    for _ in 0..3 {
+        c.start(&fake, "rpm = 10000\nconcurrency = 3", 10).await;
+    }
+    let mut ids = vec![];
+    for i in 0..24 {
+        ids.push(c.submit(i % 3, &format!("job {i}")).await);
+    }
+    let jobs = c.wait_all(0, &ids, Duration::from_secs(60)).await;
+    assert!(jobs.iter().all(|j| j["status"] == "succeeded"));
+    assert_eq!(fake.call_count(), 24);
+    assert_eq!(
+        fake.max_in_flight(),
+        3,
+        "in flight at the upstream must reach concurrency and never pass it"
+    );
+    // The work was shared, not done by one instance.
+    let mut by_instance: HashMap<String, usize> = HashMap::new();
+    for j in &jobs {
+        *by_instance
+            .entry(
+                j["attempts"][0]["instance"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string(),
+            )
+            .or_default() += 1;
+    }
+    assert!(by_instance.len() >= 2, "{by_instance:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpm_holds_across_instances_and_is_used() {
+    let db = TestDb::create().await;
+    let fake = FakeOpenAi::start().await;
+    let mut c = Cluster::new(&db);
+    for _ in 0..3 {
+        c.start(&fake, "rpm = 5\nconcurrency = 10", 10).await;
+    }
+    let mut ids = vec![];
+    for i in 0..12 {
+        ids.push(c.submit(i % 3, &format!("job {i}")).await);
+    }
+    // Five starts are allowed in any 60 s: they happen at once, then nothing more
+    // (the sixth may start only 60 s after the first).
+    wait_until("five calls started", Duration::from_secs(20), async || {
+        fake.call_count() >= 5
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(fake.call_count(), 5, "rpm = 5 across three instances");
+    let calls = fake.calls();
+    let span = calls.last().unwrap().at - calls[0].at;
+    assert!(span < Duration::from_secs(60));
+    let mut queued = 0;
+    for id in &ids {
+        if c.job(1, id).await["status"] == "queued" {
+            queued += 1;
+        }
+    }
+    assert_eq!(queued, 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn news_crosses_instances() {
+    let db = TestDb::create().await;
+    let fake = FakeOpenAi::start().await;
+    // The first call hangs and holds the one slot node-0 allows itself, so node-0 can
+    // lease nothing more: every later job has to run on node-1.
+    fake.script([fake_openai::Reply::Hang]);
+    let mut c = Cluster::new(&db);
+    c.start(&fake, "rpm = 10000\nconcurrency = 1", 10).await;
+    c.start(&fake, "rpm = 10000\nconcurrency = 5", 10).await;
+    c.submit(0, "hang").await;
+    wait_until(
+        "the hanging call started",
+        Duration::from_secs(10),
+        async || fake.in_flight() == 1,
+    )
+    .await;
+
+    // An async job inserted on node-0 is picked up by node-1 through NOTIFY, not its
+    // one-second poll.
+    let sent = Instant::now();
+    let id = c.submit(0, "async").await;
+    wait_until(
+        "node-1 called upstream",
+        Duration::from_secs(10),
+        async || fake.call_count() == 2,
+    )
+    .await;
+    let picked_up = fake.calls()[1].at.duration_since(sent);
+    let job = c
+        .wait_all(0, std::slice::from_ref(&id), Duration::from_secs(10))
+        .await;
+    assert_eq!(job[0]["attempts"][0]["instance"], "node-1");
+    eprintln!("cross-instance pick-up: {picked_up:?}");
+    assert!(picked_up < Duration::from_millis(900), "{picked_up:?}");
+
+    // A synchronous request waiting on node-0 whose job node-1 runs returns as soon as
+    // node-1 finished, through NOTIFY, not node-0's two-second safety poll.
+    let latency = Duration::from_millis(400);
+    fake.set_latency(latency);
+    let resp = c
+        .http
+        .post(format!("{}/v1/chat/completions", c.nodes[0].url))
+        .json(&user("sync"))
+        .send()
+        .await
+        .unwrap();
+    let answered = Instant::now();
+    assert_eq!(resp.status(), 200);
+    let job_id = resp.headers()["x-orch-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let job = c.job(0, &job_id).await;
+    assert_eq!(job["attempts"][0]["instance"], "node-1");
+    let upstream_done = fake.calls()[2].at + latency;
+    let after_finish = answered.duration_since(upstream_done);
+    eprintln!("sync answer after upstream finished: {after_finish:?}");
+    assert!(
+        after_finish < Duration::from_millis(1000),
+        "{after_finish:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_instance_jobs_complete_elsewhere() {
+    let db = TestDb::create().await;
+    let fake = FakeOpenAi::start().await;
+    fake.set_latency(Duration::from_secs(3));
+    let mut c = Cluster::new(&db);
+    c.start(&fake, "rpm = 10000\nconcurrency = 4", 2).await;
+    let mut ids = vec![];
+    for i in 0..4 {
+        ids.push(c.submit(0, &format!("job {i}")).await);
+    }
+    wait_until(
+        "node-0 runs all four",
+        Duration::from_secs(10),
+        async || fake.in_flight() == 4,
+    )
+    .await;
+    c.start(&fake, "rpm = 10000\nconcurrency = 4", 2).await;
+    c.nodes[0].kill9();
+
+    let jobs = c.wait_all(1, &ids, Duration::from_secs(60)).await;
+    for j in &jobs {
+        assert_eq!(j["status"], "succeeded", "{j}");
+        let attempts = j["attempts"].as_array().unwrap();
+        assert_eq!(attempts.len(), 2, "{j}");
+        assert_eq!(attempts[0]["outcome"], "lost");
+        assert_eq!(attempts[0]["instance"], "node-0");
+        assert_eq!(attempts[1]["outcome"], "ok");
+        assert_eq!(attempts[1]["instance"], "node-1");
+    }
+    assert_eq!(fake.call_count(), 8);
+}
+
+/// The machine's PostgreSQL cluster, stopped and started by `pg_ctlcluster`.
+struct Cluster15 {
+    version: String,
+}
+
+impl Cluster15 {
+    fn find() -> Self {
+        let version = std::fs::read_dir("/etc/postgresql")
+            .ok()
+            .and_then(|mut d| d.next())
+            .and_then(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .unwrap_or_else(|| "15".into());
+        Self { version }
+    }
+
+    fn ctl(&self, action: &str) {
+        let status = Command::new("pg_ctlcluster")
+            .args(["--skip-systemctl-redirect", &self.version, "main", action])
+            .status()
+            .expect("pg_ctlcluster runs");
+        assert!(status.success(), "pg_ctlcluster {action} failed");
+    }
+}
+
+/// Starts the cluster again whatever happens to the test.
+struct StartOnDrop<'a>(&'a Cluster15);
+
+impl Drop for StartOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new("pg_ctlcluster")
+            .args([
+                "--skip-systemctl-redirect",
+                &self.0.version,
+                "main",
+                "start",
+            ])
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restart_loses_nothing() {
+    // Alone on the server: the other Postgres tests wait, and none starts meanwhile.
+    let _alone = pg::exclusive().await;
+    let db = TestDb::create_unshared().await;
+    let fake = FakeOpenAi::start().await;
+    fake.set_latency(Duration::from_millis(200));
+    let mut c = Cluster::new(&db);
+    for _ in 0..2 {
+        c.start(&fake, "rpm = 10000\nconcurrency = 4", 3).await;
+    }
+    let mut ids = vec![];
+    for i in 0..16 {
+        ids.push(c.submit(i % 2, &format!("before {i}")).await);
+    }
+    wait_until("calls under way", Duration::from_secs(10), async || {
+        fake.call_count() >= 2
+    })
+    .await;
+
+    let server = Cluster15::find();
+    {
+        let _restart = StartOnDrop(&server);
+        server.ctl("stop");
+        for n in 0..2 {
+            wait_until("healthz says 503", Duration::from_secs(15), async || {
+                c.health(n).await == 503
+            })
+            .await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    for n in 0..2 {
+        wait_until(
+            "healthz says 200 again",
+            Duration::from_secs(30),
+            async || c.health(n).await == 200,
+        )
+        .await;
+    }
+    for i in 0..4 {
+        ids.push(c.submit(i % 2, &format!("after {i}")).await);
+    }
+    let jobs = c.wait_all(0, &ids, Duration::from_secs(90)).await;
+    for j in &jobs {
+        assert_eq!(j["status"], "succeeded", "{j}");
+    }
+    for n in 0..2 {
+        // Both instances still serve, and listen again for each other's news.
+        assert_eq!(c.health(n).await, 200);
+        let log = std::fs::read_to_string(c.dir.path().join(format!("log-{n}.txt"))).unwrap();
+        assert!(
+            log.contains("listening again for other instances' news")
+                || log.contains("listener connection was lost and re-established"),
+            "node-{n} did not re-establish its listener:\n{log}"
+        );
+    }
+}

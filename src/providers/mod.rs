@@ -3,9 +3,12 @@
 //! OpenAI shapes. It knows nothing of the queue, retries or budgets: it reports what
 //! happened as a `ProviderError`, and the worker decides what to do about it.
 
+pub mod anthropic;
 pub mod assemble;
 pub mod dummy;
+pub mod ollama;
 pub mod openai;
+pub mod wire;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -98,37 +101,13 @@ pub fn build(configs: &BTreeMap<String, ProviderConfig>) -> Providers {
         .map(|(name, cfg)| {
             let p: Arc<dyn Provider> = match cfg.kind {
                 ProviderKind::Openai => Arc::new(openai::OpenAi::new(cfg.clone())),
+                ProviderKind::Anthropic => Arc::new(anthropic::Anthropic::new(cfg.clone())),
+                ProviderKind::Ollama => Arc::new(ollama::Ollama::new(cfg.clone())),
                 ProviderKind::Dummy => Arc::new(dummy::Dummy::new(cfg.clone())),
-                // Adapters for these formats are added with the providers issue; until then
-                // they answer with a clear error instead of a wrong translation.
-                ProviderKind::Anthropic | ProviderKind::Ollama => {
-                    Arc::new(Unsupported(cfg.clone()))
-                }
             };
             (name.clone(), p)
         })
         .collect()
-}
-
-struct Unsupported(ProviderConfig);
-
-#[async_trait]
-impl Provider for Unsupported {
-    fn config(&self) -> &ProviderConfig {
-        &self.0
-    }
-    async fn complete(&self, _: &ChatBody) -> Result<Completion, ProviderError> {
-        Err(ProviderError::Invalid(format!(
-            "provider type {} is not supported yet",
-            self.0.kind.as_str()
-        )))
-    }
-    async fn stream(&self, _: &ChatBody) -> Result<ChunkStream, ProviderError> {
-        Err(ProviderError::Invalid(format!(
-            "provider type {} is not supported yet",
-            self.0.kind.as_str()
-        )))
-    }
 }
 
 /// A pooled HTTP client for one provider.

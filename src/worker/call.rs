@@ -134,6 +134,8 @@ async fn stream_call(
         return None;
     };
     let idle = Duration::from_secs_f64(provider.config().timeout_s);
+    // Time to first token counts from the call, not from the upstream's response headers.
+    let called_at = Instant::now();
     let mut upstream = tokio::select! {
         r = provider.stream(body) => match r {
             Ok(s) => s,
@@ -146,7 +148,6 @@ async fn stream_call(
         }
     };
     let mut asm = Assembler::default();
-    let first_chunk_at = Instant::now();
     loop {
         let next = tokio::select! {
             n = tokio::time::timeout(idle, upstream.next()) => n.unwrap_or(Some(Err(ProviderError::Timeout(idle)))),
@@ -161,7 +162,7 @@ async fn stream_call(
                 if asm.chunks == 0 {
                     shared
                         .telemetry
-                        .first_token(&job.provider, first_chunk_at.elapsed());
+                        .first_token(&job.provider, called_at.elapsed());
                 }
                 asm.push(&chunk);
                 if tx.send(StreamEvent::Chunk(chunk)).await.is_err() {

@@ -25,9 +25,13 @@ impl OpenAi {
         if stream {
             body.insert("stream".into(), Value::Bool(true));
             // Ask for usage so it can be recorded even when the client did not ask for it.
+            // (A client may send `stream_options: null`; it is replaced, not skipped.)
             let opts = body
                 .entry("stream_options")
                 .or_insert_with(|| Value::Object(Default::default()));
+            if !opts.is_object() {
+                *opts = Value::Object(Default::default());
+            }
             if let Some(o) = opts.as_object_mut() {
                 o.insert("include_usage".into(), Value::Bool(true));
             }

@@ -4,3 +4,5 @@
 mod support;
 
 mod chat;
+mod providers;
+mod streaming;

@@ -198,7 +198,8 @@ async fn accept(
             .and_then(|o| o.get("include_usage"))
             .and_then(Value::as_bool)
             .unwrap_or(false);
-        return Ok(open_stream(app, job_id, rx, watch, include_usage, &new).await);
+        let sticky = sticky_key.map(|k| (route.name.clone(), k.to_string()));
+        return Ok(open_stream(app, job_id, rx, watch, include_usage, sticky, &new).await);
     }
     let resp = wait_for(app, watch, job_id, received).await?;
     if let Some(p) = resp
@@ -370,6 +371,7 @@ async fn open_stream(
     mut rx: tokio::sync::mpsc::Receiver<StreamEvent>,
     mut watch: crate::queue::signals::JobWatch,
     include_usage: bool,
+    sticky: Option<(String, String)>,
     new: &NewJob,
 ) -> Response {
     // Made first so that a client leaving during the hold cancels the job too.
@@ -415,6 +417,7 @@ async fn open_stream(
         first,
         watch,
         include_usage,
+        sticky,
         guard,
         phase,
     };
@@ -450,6 +453,8 @@ struct SseState {
     first: Option<StreamEvent>,
     watch: crate::queue::signals::JobWatch,
     include_usage: bool,
+    /// (route, sticky key): a sticky route learns which provider served the stream.
+    sticky: Option<(String, String)>,
     guard: StreamGuard,
     phase: Phase,
 }
@@ -519,6 +524,7 @@ fn sse_events(state: SseState) -> impl Stream<Item = Result<Event, Infallible>> 
                     s.phase = Phase::Ended;
                     let ev = match job.as_deref() {
                         Some(j) if j.status == JobStatus::Succeeded => {
+                            s.served(j);
                             Event::default().data("[DONE]")
                         }
                         Some(j) => {
@@ -535,6 +541,18 @@ fn sse_events(state: SseState) -> impl Stream<Item = Result<Event, Infallible>> 
             }
         }
     })
+}
+
+impl SseState {
+    /// Tells a sticky route which provider served this stream, as a plain answer does.
+    fn served(&self, job: &Job) {
+        let router = &self.app.router;
+        if let Some((route, key)) = &self.sticky
+            && let Some(route) = router.config().routes.get(route)
+        {
+            router.served(route, Some(key), &job.provider);
+        }
+    }
 }
 
 /// The SSE event of a chunk; usage is shown only to a client that asked for it.

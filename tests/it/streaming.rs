@@ -351,3 +351,26 @@ async fn async_openai_streams_from_every_provider() {
         assert!(usage.expect("usage chunk").total_tokens > 0, "{route}");
     }
 }
+
+#[tokio::test]
+async fn sticky_routes_remember_the_provider_of_a_stream() {
+    let f = Fleet::start_with(
+        "",
+        "  CODE:\n    strategy: sticky\n    sticky_ttl: 60\n    targets: [{provider: oa}, {provider: du}]\n",
+        &[],
+    )
+    .await;
+    let sticky = [
+        ("x-orch-task-kind", "CODE"),
+        ("x-orch-sticky-key", "session-1"),
+    ];
+    f.openai.script([Reply::status(500)]);
+    let first = f.app.chat_with(streamed("one", false), &sticky).await;
+    assert_eq!(first.headers()["x-orch-provider"], "du");
+    assert!(Sse::read(first).await.ends_with_done());
+    // The same key stays on the provider that served it, although `oa` is healthy again.
+    let second = f.app.chat_with(streamed("two", false), &sticky).await;
+    assert_eq!(second.headers()["x-orch-provider"], "du");
+    assert_eq!(Sse::read(second).await.text(), "dummy:two");
+    assert_eq!(f.openai.call_count(), 1);
+}

@@ -55,12 +55,7 @@ impl Provider for Anthropic {
 // Request
 
 fn to_request(body: &ChatBody, model: &str, stream: bool) -> Result<Value, ProviderError> {
-    if body.get("n").and_then(Value::as_u64).is_some_and(|n| n > 1) {
-        return Err(ProviderError::Invalid(
-            "`n` greater than 1 cannot be sent to an anthropic provider: it answers with one choice"
-                .into(),
-        ));
-    }
+    wire::one_choice(body, "anthropic")?;
     let (system, messages) = conversation(wire::messages(body)?)?;
     let mut out = Map::new();
     out.insert("model".into(), json!(model));

@@ -47,6 +47,7 @@ impl Provider for Ollama {
 // Request
 
 fn to_request(body: &ChatBody, model: &str, stream: bool) -> Result<Value, ProviderError> {
+    wire::one_choice(body, "ollama")?;
     let mut out = Map::new();
     out.insert("model".into(), json!(model));
     out.insert("messages".into(), messages(wire::messages(body)?)?);
@@ -373,6 +374,10 @@ mod tests {
             body(json!({"messages": [{"role": "tool", "tool_call_id": "call_x", "content": "r"}]}));
         assert!(
             matches!(to_request(&stray, "m", false), Err(ProviderError::Invalid(m)) if m.contains("call_x"))
+        );
+        let two = body(json!({"messages": [{"role": "user", "content": "x"}], "n": 2}));
+        assert!(
+            matches!(to_request(&two, "m", false), Err(ProviderError::Invalid(m)) if m.contains("`n` = 2"))
         );
     }
 

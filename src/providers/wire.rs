@@ -145,6 +145,17 @@ pub fn role(message: &Value) -> &str {
     message.get("role").and_then(Value::as_str).unwrap_or("")
 }
 
+/// Refuses `n > 1` for a provider that answers with one choice: the client would
+/// silently get fewer choices than it asked for.
+pub fn one_choice(body: &ChatBody, provider: &str) -> Result<(), ProviderError> {
+    match body.get("n").and_then(Value::as_u64) {
+        Some(n) if n > 1 => Err(ProviderError::Invalid(format!(
+            "`n` = {n} cannot be sent to an {provider} provider: it answers with one choice"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// `max_completion_tokens` (the current OpenAI name) or the older `max_tokens`.
 pub fn max_tokens(body: &ChatBody) -> Option<u64> {
     ["max_completion_tokens", "max_tokens"]

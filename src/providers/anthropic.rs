@@ -40,14 +40,13 @@ impl Provider for Anthropic {
 
     async fn complete(&self, body: &ChatBody) -> Result<Completion, ProviderError> {
         let request = to_request(body, &self.up.cfg.model, false)?;
-        from_message(&self.up.call(&request).await?)
+        self.up.complete(&request, |v| from_message(&v)).await
     }
 
     async fn stream(&self, body: &ChatBody) -> Result<ChunkStream, ProviderError> {
         let request = to_request(body, &self.up.cfg.model, true)?;
-        let (resp, key) = self.up.open(&request).await?;
         let events = Events::new(&self.up.cfg.model);
-        Ok(wire::translate(wire::sse_events(resp, key), events))
+        self.up.stream(&request, wire::Framing::Sse, events).await
     }
 }
 

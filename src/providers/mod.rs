@@ -80,6 +80,26 @@ pub enum ProviderError {
     Invalid(String),
 }
 
+impl ProviderError {
+    /// The same error with a secret removed from any text it carries.
+    pub fn redacted(self, secret: Option<&str>) -> Self {
+        match self {
+            Self::Status {
+                status,
+                message,
+                retry_after,
+            } => Self::Status {
+                status,
+                message: redact(&message, secret),
+                retry_after,
+            },
+            Self::Network(m) => Self::Network(redact(&m, secret)),
+            Self::BadResponse(m) => Self::BadResponse(redact(&m, secret)),
+            other => other,
+        }
+    }
+}
+
 #[async_trait]
 pub trait Provider: Send + Sync {
     fn config(&self) -> &ProviderConfig;
@@ -283,5 +303,14 @@ mod tests {
             "invalid key [redacted]"
         );
         assert_eq!(redact("fine", None), "fine");
+        let e = ProviderError::Status {
+            status: 500,
+            message: "bad key sk-secret-123 in stream".into(),
+            retry_after: None,
+        };
+        assert_eq!(
+            e.redacted(Some("sk-secret-123")).to_string(),
+            "upstream returned 500: bad key [redacted] in stream"
+        );
     }
 }

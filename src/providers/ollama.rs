@@ -29,17 +29,15 @@ impl Provider for Ollama {
 
     async fn complete(&self, body: &ChatBody) -> Result<Completion, ProviderError> {
         let request = to_request(body, &self.up.cfg.model, false)?;
-        from_answer(&self.up.call(&request).await?, &wire::completion_id())
+        let id = wire::completion_id();
+        self.up.complete(&request, |v| from_answer(&v, &id)).await
     }
 
     async fn stream(&self, body: &ChatBody) -> Result<ChunkStream, ProviderError> {
         let request = to_request(body, &self.up.cfg.model, true)?;
-        let (resp, key) = self.up.open(&request).await?;
         let chunks = wire::Chunks::new(wire::completion_id(), self.up.cfg.model.clone());
-        Ok(wire::translate(
-            wire::ndjson_lines(resp, key),
-            Lines::new(chunks),
-        ))
+        let lines = Lines::new(chunks);
+        self.up.stream(&request, wire::Framing::Ndjson, lines).await
     }
 }
 

@@ -50,15 +50,14 @@ impl Provider for OpenAi {
     }
 
     async fn complete(&self, body: &ChatBody) -> Result<Completion, ProviderError> {
-        parse_completion(self.up.call(&self.request(body, false)).await?)
+        let request = self.request(body, false);
+        self.up.complete(&request, parse_completion).await
     }
 
     async fn stream(&self, body: &ChatBody) -> Result<ChunkStream, ProviderError> {
-        let (resp, key) = self.up.open(&self.request(body, true)).await?;
-        Ok(wire::translate(
-            wire::sse_events(resp, key),
-            Passthrough::default(),
-        ))
+        let request = self.request(body, true);
+        let chunks = Passthrough::default();
+        self.up.stream(&request, wire::Framing::Sse, chunks).await
     }
 }
 

@@ -67,29 +67,44 @@ impl Upstream {
         }
     }
 
-    /// One non-streaming call; its answer must be JSON.
-    pub async fn call(&self, body: &Value) -> Result<Value, ProviderError> {
-        let key = self.cfg.api_key();
-        let req = self.request(body, key.as_deref());
-        call_json(req, self.timeout, key.as_deref()).await
-    }
-
-    /// Opens a streaming call; the key comes back so stream errors can redact it.
-    pub async fn open(
+    /// One non-streaming call whose JSON answer `parse` reads. Whatever the upstream
+    /// wrote that reaches the caller is cleaned of the key first.
+    pub async fn complete(
         &self,
         body: &Value,
-    ) -> Result<(reqwest::Response, Option<String>), ProviderError> {
+        parse: impl FnOnce(Value) -> Result<Completion, ProviderError>,
+    ) -> Result<Completion, ProviderError> {
+        let key = self.cfg.api_key();
+        let req = self.request(body, key.as_deref());
+        let answer = call_json(req, self.timeout, key.as_deref()).await?;
+        parse(answer).map_err(|e| e.redacted(key.as_deref()))
+    }
+
+    /// One streaming call, its events framed as `framing` says and read by `translator`.
+    pub async fn stream<T: Translate>(
+        &self,
+        body: &Value,
+        framing: Framing,
+        translator: T,
+    ) -> Result<ChunkStream, ProviderError> {
         let key = self.cfg.api_key();
         let req = self.request(body, key.as_deref());
         let resp = send(req, self.timeout, key.as_deref()).await?;
-        Ok((resp, key))
+        let events = match framing {
+            Framing::Sse => sse_events(resp, key.clone()),
+            Framing::Ndjson => ndjson_lines(resp, key.clone()),
+        };
+        let chunks = translate(events, translator);
+        Ok(chunks
+            .map(move |c| c.map_err(|e| e.redacted(key.as_deref())))
+            .boxed())
     }
 }
 
 /// Sends a request and returns the answer if it is a success; otherwise the upstream's
 /// own error (status, message, `Retry-After`). The whole exchange, error body included,
 /// is bounded by `timeout`, so a stalled upstream cannot hold a worker.
-pub async fn send(
+async fn send(
     req: reqwest::RequestBuilder,
     timeout: Duration,
     key: Option<&str>,
@@ -111,7 +126,7 @@ pub async fn send(
 }
 
 /// One non-streaming call whose answer must be a JSON document.
-pub async fn call_json(
+async fn call_json(
     req: reqwest::RequestBuilder,
     timeout: Duration,
     key: Option<&str>,
@@ -128,6 +143,14 @@ pub async fn call_json(
     tokio::time::timeout(timeout, call)
         .await
         .map_err(|_| ProviderError::Timeout(timeout))?
+}
+
+/// How a streamed answer is cut into events.
+pub enum Framing {
+    /// Server-sent events (OpenAI, Anthropic).
+    Sse,
+    /// One JSON object a line (Ollama).
+    Ndjson,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -543,7 +566,7 @@ pub fn translate<T: Translate>(events: RawEvents, translator: T) -> ChunkStream 
 }
 
 /// The SSE events of an answer.
-pub fn sse_events(resp: reqwest::Response, key: Option<String>) -> RawEvents {
+fn sse_events(resp: reqwest::Response, key: Option<String>) -> RawEvents {
     resp.bytes_stream()
         .eventsource()
         .map(move |ev| match ev {
@@ -554,7 +577,7 @@ pub fn sse_events(resp: reqwest::Response, key: Option<String>) -> RawEvents {
 }
 
 /// The lines of an NDJSON answer, blank lines skipped.
-pub fn ndjson_lines(resp: reqwest::Response, key: Option<String>) -> RawEvents {
+fn ndjson_lines(resp: reqwest::Response, key: Option<String>) -> RawEvents {
     let bytes = resp
         .bytes_stream()
         .map(move |b| b.map_err(|e| interrupted(&e.to_string(), key.as_deref())));

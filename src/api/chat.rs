@@ -201,7 +201,8 @@ async fn accept(
             .and_then(|o| o.get("include_usage"))
             .and_then(Value::as_bool)
             .unwrap_or(false);
-        return Ok(sse(app.clone(), job_id, rx, watch, include_usage, &new));
+        let sticky = sticky_key.map(|k| (route.name.clone(), k.to_string()));
+        return Ok(open_stream(app, job_id, rx, watch, include_usage, sticky, &new).await);
     }
     let resp = wait_for(app, watch, job_id, received, tally.as_ref()).await?;
     if let Some(p) = resp
@@ -356,31 +357,84 @@ impl Drop for StreamGuard {
     }
 }
 
-fn sse(
-    app: AppState,
+/// How long a stream's answer waits for its first chunk before it commits to
+/// `200 text/event-stream`. A job that fails before any chunk within this time (a request
+/// the provider cannot express, a refused key, every provider down) is answered with its
+/// real status and JSON error, as OpenAI does, instead of a 200 stream holding an error
+/// event. A job still queued after it gets the stream, with keep-alive comments.
+const STREAM_HOLD: Duration = Duration::from_secs(2);
+
+async fn open_stream(
+    app: &AppState,
     job_id: String,
-    rx: tokio::sync::mpsc::Receiver<StreamEvent>,
-    watch: crate::queue::signals::JobWatch,
+    mut rx: tokio::sync::mpsc::Receiver<StreamEvent>,
+    mut watch: crate::queue::signals::JobWatch,
     include_usage: bool,
+    sticky: Option<(String, String)>,
     new: &NewJob,
 ) -> Response {
-    let view = accepted_view(new);
-    let headers = render::job_headers(&view);
-    let guard = StreamGuard {
+    // Made first so that a client leaving during the hold cancels the job too.
+    let mut guard = StreamGuard {
         app: app.clone(),
         job_id: job_id.clone(),
         done: false,
     };
-    let events = sse_events(app, job_id, rx, watch, include_usage, guard);
-    let mut resp = Sse::new(events)
+    let hold = STREAM_HOLD.min(app.shared.settings.sse_keepalive);
+    let mut headers = render::job_headers(&accepted_view(new));
+    let mut first = None;
+    let mut phase = Phase::Streaming;
+    tokio::select! {
+        biased;
+        ev = rx.recv() => {
+            // The job now runs on the provider that answers: name it in the headers.
+            if let Ok(Some(job)) = app.shared.store.get_job(&job_id).await {
+                headers = render::job_headers(&job);
+            }
+            first = ev;
+        }
+        fin = watch.wait(hold) => {
+            if let Ok(signalled) = fin {
+                let job = match signalled {
+                    Some(j) => Some(j),
+                    None => app.shared.store.get_job(&job_id).await.ok().flatten().map(Arc::new),
+                };
+                match job {
+                    Some(j) if j.status.is_terminal() && j.status != JobStatus::Succeeded => {
+                        guard.done = true;
+                        return render::finished(&j);
+                    }
+                    // Finished (or gone) with its chunks still in the channel: send them.
+                    j => phase = Phase::Draining(j),
+                }
+            }
+        }
+    }
+    let state = SseState {
+        app: app.clone(),
+        job_id,
+        rx,
+        first,
+        watch,
+        include_usage,
+        sticky,
+        guard,
+        phase,
+    };
+    let mut resp = Sse::new(sse_events(state))
         .keep_alive(
             KeepAlive::new()
-                .interval(Duration::from_secs(10))
+                .interval(app.shared.settings.sse_keepalive)
                 .text("keep-alive"),
         )
         .into_response();
     resp.headers_mut().extend(headers);
     resp
+}
+
+/// What woke a streaming answer up.
+enum Next {
+    Event(Option<StreamEvent>),
+    Finished(Result<crate::queue::signals::Finished, ()>),
 }
 
 /// What the SSE stream still has to do.
@@ -394,62 +448,55 @@ struct SseState {
     app: AppState,
     job_id: String,
     rx: tokio::sync::mpsc::Receiver<StreamEvent>,
+    /// An event received before the stream was committed, sent first.
+    first: Option<StreamEvent>,
     watch: crate::queue::signals::JobWatch,
     include_usage: bool,
+    /// (route, sticky key): a sticky route learns which provider served the stream.
+    sticky: Option<(String, String)>,
     guard: StreamGuard,
     phase: Phase,
 }
 
-fn sse_events(
-    app: AppState,
-    job_id: String,
-    rx: tokio::sync::mpsc::Receiver<StreamEvent>,
-    watch: crate::queue::signals::JobWatch,
-    include_usage: bool,
-    guard: StreamGuard,
-) -> impl Stream<Item = Result<Event, Infallible>> {
-    let state = SseState {
-        app,
-        job_id,
-        rx,
-        watch,
-        include_usage,
-        guard,
-        phase: Phase::Streaming,
-    };
+fn sse_events(state: SseState) -> impl Stream<Item = Result<Event, Infallible>> {
     futures::stream::unfold(state, |mut s| async move {
         loop {
             match &mut s.phase {
                 Phase::Ended => return None,
                 Phase::Streaming => {
-                    tokio::select! {
-                        biased;
-                        ev = s.rx.recv() => match ev {
-                            Some(StreamEvent::Chunk(c)) => {
-                                if let Some(ev) = chunk_event(c, s.include_usage) {
-                                    return Some((Ok(ev), s));
-                                }
-                            }
-                            Some(StreamEvent::Error(e)) => {
-                                s.guard.done = true;
-                                s.phase = Phase::Ended;
-                                let body = ApiError::from(&e).with_job(&s.job_id).body();
-                                return Some((Ok(Event::default().data(body.to_string())), s));
-                            }
-                            Some(StreamEvent::Done) => s.phase = Phase::Draining(None),
-                            // The worker dropped the channel: the job ended; learn how from the row.
-                            None => s.phase = Phase::Draining(None),
+                    let next = match s.first.take() {
+                        Some(ev) => Next::Event(Some(ev)),
+                        None => tokio::select! {
+                            biased;
+                            ev = s.rx.recv() => Next::Event(ev),
+                            fin = s.watch.wait(SAFETY_POLL) => Next::Finished(fin),
                         },
-                        fin = s.watch.wait(SAFETY_POLL) => match fin {
-                            Ok(job) => s.phase = Phase::Draining(job),
-                            Err(()) => {
-                                // Safety poll: the job may have ended without a local signal.
-                                if let Ok(Some(job)) = s.app.shared.store.get_job(&s.job_id).await
-                                    && job.status.is_terminal() {
-                                        s.phase = Phase::Draining(Some(Arc::new(job)));
-                                    }
+                    };
+                    match next {
+                        Next::Event(Some(StreamEvent::Chunk(c))) => {
+                            if let Some(ev) = chunk_event(c, s.include_usage) {
+                                return Some((Ok(ev), s));
                             }
-                        },
+                        }
+                        Next::Event(Some(StreamEvent::Error(e))) => {
+                            s.guard.done = true;
+                            s.phase = Phase::Ended;
+                            let body = ApiError::from(&e).with_job(&s.job_id).body();
+                            return Some((Ok(Event::default().data(body.to_string())), s));
+                        }
+                        // Done, or the worker dropped the channel: the job ended; learn how from the row.
+                        Next::Event(Some(StreamEvent::Done) | None) => {
+                            s.phase = Phase::Draining(None)
+                        }
+                        Next::Finished(Ok(job)) => s.phase = Phase::Draining(job),
+                        Next::Finished(Err(())) => {
+                            // Safety poll: the job may have ended without a local signal.
+                            if let Ok(Some(job)) = s.app.shared.store.get_job(&s.job_id).await
+                                && job.status.is_terminal()
+                            {
+                                s.phase = Phase::Draining(Some(Arc::new(job)));
+                            }
+                        }
                     }
                 }
                 Phase::Draining(job) => {
@@ -476,6 +523,7 @@ fn sse_events(
                     s.phase = Phase::Ended;
                     let ev = match job.as_deref() {
                         Some(j) if j.status == JobStatus::Succeeded => {
+                            s.served(j);
                             Event::default().data("[DONE]")
                         }
                         Some(j) => {
@@ -492,6 +540,18 @@ fn sse_events(
             }
         }
     })
+}
+
+impl SseState {
+    /// Tells a sticky route which provider served this stream, as a plain answer does.
+    fn served(&self, job: &Job) {
+        let router = &self.app.router;
+        if let Some((route, key)) = &self.sticky
+            && let Some(route) = router.config().routes.get(route)
+        {
+            router.served(route, Some(key), &job.provider);
+        }
+    }
 }
 
 /// The SSE event of a chunk; usage is shown only to a client that asked for it.

@@ -67,6 +67,9 @@ pub struct Settings {
     pub max_queue_depth: u64,
     pub max_body_bytes: usize,
     pub shutdown_grace: Duration,
+    /// Idle time after which a streaming answer sends an SSE comment, so proxies and
+    /// clients keep a connection whose job is still queued (`ORCH_SSE_KEEPALIVE_SECONDS`).
+    pub sse_keepalive: Duration,
     pub retention_days: Option<u32>,
     pub log_json: bool,
 }
@@ -108,6 +111,7 @@ impl Settings {
         let max_queue_depth = num("ORCH_MAX_QUEUE_DEPTH", 100_000, 1);
         let max_body_bytes = num("ORCH_MAX_BODY_BYTES", 10 * 1024 * 1024, 1024);
         let shutdown_grace = num("ORCH_SHUTDOWN_GRACE_SECONDS", 25, 0);
+        let sse_keepalive = num("ORCH_SSE_KEEPALIVE_SECONDS", 10, 1);
         let retention_days =
             var("ORCH_RETENTION_DAYS").map(|_| num("ORCH_RETENTION_DAYS", 0, 1) as u32);
 
@@ -183,6 +187,7 @@ impl Settings {
             max_queue_depth,
             max_body_bytes: max_body_bytes as usize,
             shutdown_grace: Duration::from_secs(shutdown_grace),
+            sse_keepalive: Duration::from_secs(sse_keepalive),
             retention_days,
             log_json,
         };

@@ -3,7 +3,7 @@
 
 use async_trait::async_trait;
 use futures::StreamExt;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::*;
 
@@ -35,18 +35,6 @@ impl Dummy {
     }
 }
 
-fn completion_id() -> String {
-    format!("chatcmpl-{}", uuid::Uuid::new_v4().simple())
-}
-
-fn usage_json(u: Usage) -> Value {
-    json!({
-        "prompt_tokens": u.prompt.unwrap_or(0),
-        "completion_tokens": u.completion.unwrap_or(0),
-        "total_tokens": u.total().unwrap_or(0),
-    })
-}
-
 #[async_trait]
 impl Provider for Dummy {
     fn config(&self) -> &ProviderConfig {
@@ -55,49 +43,26 @@ impl Provider for Dummy {
 
     async fn complete(&self, body: &ChatBody) -> Result<Completion, ProviderError> {
         let (text, usage) = self.answer(body);
-        let body = json!({
-            "id": completion_id(),
-            "object": "chat.completion",
-            "created": chrono::Utc::now().timestamp(),
-            "model": self.cfg.model,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": null,
-                "finish_reason": "stop",
-            }],
-            "usage": usage_json(usage),
-        });
-        Ok(Completion { body, usage })
+        let id = wire::completion_id();
+        Ok(wire::completion(
+            &id,
+            &self.cfg.model,
+            text,
+            vec![],
+            "stop",
+            usage,
+        ))
     }
 
     async fn stream(&self, body: &ChatBody) -> Result<ChunkStream, ProviderError> {
         let (text, usage) = self.answer(body);
-        let id = completion_id();
-        let created = chrono::Utc::now().timestamp();
-        let model = self.cfg.model.clone();
-        let chunk = |delta: Value, finish: Value, usage: Option<Value>| {
-            let mut c = json!({
-                "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
-            });
-            if let Some(u) = usage {
-                c["choices"] = json!([]);
-                c["usage"] = u;
-            }
-            Ok(c)
-        };
-        let mut chunks = vec![chunk(
-            json!({"role": "assistant", "content": ""}),
-            Value::Null,
-            None,
-        )];
+        let mut chunks = wire::Chunks::new(wire::completion_id(), self.cfg.model.clone());
+        let mut out = Vec::new();
         // Word by word, so a stream looks like one.
         for w in text.split_inclusive(' ') {
-            chunks.push(chunk(json!({"content": w}), Value::Null, None));
+            chunks.text(&mut out, w);
         }
-        chunks.push(chunk(json!({}), json!("stop"), None));
-        chunks.push(chunk(json!({}), Value::Null, Some(usage_json(usage))));
-        Ok(futures::stream::iter(chunks).boxed())
+        chunks.finish(&mut out, "stop", usage);
+        Ok(futures::stream::iter(out.into_iter().map(Ok)).boxed())
     }
 }

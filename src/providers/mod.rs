@@ -3,9 +3,12 @@
 //! OpenAI shapes. It knows nothing of the queue, retries or budgets: it reports what
 //! happened as a `ProviderError`, and the worker decides what to do about it.
 
+pub mod anthropic;
 pub mod assemble;
 pub mod dummy;
+pub mod ollama;
 pub mod openai;
+pub mod wire;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -77,6 +80,26 @@ pub enum ProviderError {
     Invalid(String),
 }
 
+impl ProviderError {
+    /// The same error with a secret removed from any text it carries.
+    pub fn redacted(self, secret: Option<&str>) -> Self {
+        match self {
+            Self::Status {
+                status,
+                message,
+                retry_after,
+            } => Self::Status {
+                status,
+                message: redact(&message, secret),
+                retry_after,
+            },
+            Self::Network(m) => Self::Network(redact(&m, secret)),
+            Self::BadResponse(m) => Self::BadResponse(redact(&m, secret)),
+            other => other,
+        }
+    }
+}
+
 #[async_trait]
 pub trait Provider: Send + Sync {
     fn config(&self) -> &ProviderConfig;
@@ -98,37 +121,13 @@ pub fn build(configs: &BTreeMap<String, ProviderConfig>) -> Providers {
         .map(|(name, cfg)| {
             let p: Arc<dyn Provider> = match cfg.kind {
                 ProviderKind::Openai => Arc::new(openai::OpenAi::new(cfg.clone())),
+                ProviderKind::Anthropic => Arc::new(anthropic::Anthropic::new(cfg.clone())),
+                ProviderKind::Ollama => Arc::new(ollama::Ollama::new(cfg.clone())),
                 ProviderKind::Dummy => Arc::new(dummy::Dummy::new(cfg.clone())),
-                // Adapters for these formats are added with the providers issue; until then
-                // they answer with a clear error instead of a wrong translation.
-                ProviderKind::Anthropic | ProviderKind::Ollama => {
-                    Arc::new(Unsupported(cfg.clone()))
-                }
             };
             (name.clone(), p)
         })
         .collect()
-}
-
-struct Unsupported(ProviderConfig);
-
-#[async_trait]
-impl Provider for Unsupported {
-    fn config(&self) -> &ProviderConfig {
-        &self.0
-    }
-    async fn complete(&self, _: &ChatBody) -> Result<Completion, ProviderError> {
-        Err(ProviderError::Invalid(format!(
-            "provider type {} is not supported yet",
-            self.0.kind.as_str()
-        )))
-    }
-    async fn stream(&self, _: &ChatBody) -> Result<ChunkStream, ProviderError> {
-        Err(ProviderError::Invalid(format!(
-            "provider type {} is not supported yet",
-            self.0.kind.as_str()
-        )))
-    }
 }
 
 /// A pooled HTTP client for one provider.
@@ -304,5 +303,14 @@ mod tests {
             "invalid key [redacted]"
         );
         assert_eq!(redact("fine", None), "fine");
+        let e = ProviderError::Status {
+            status: 500,
+            message: "bad key sk-secret-123 in stream".into(),
+            retry_after: None,
+        };
+        assert_eq!(
+            e.redacted(Some("sk-secret-123")).to_string(),
+            "upstream returned 500: bad key [redacted] in stream"
+        );
     }
 }

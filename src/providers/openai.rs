@@ -2,41 +2,36 @@
 //! `POST {base_url}/chat/completions` with `Authorization: Bearer`. The request passes
 //! through untouched except `model`, which becomes the provider's model.
 
-use std::time::Duration;
-
 use async_trait::async_trait;
-use eventsource_stream::Eventsource;
-use futures::StreamExt;
 use serde_json::Value;
 
 use super::*;
 
 pub struct OpenAi {
-    cfg: ProviderConfig,
-    http: reqwest::Client,
-    url: String,
-    timeout: Duration,
+    up: wire::Upstream,
 }
 
 impl OpenAi {
     pub fn new(cfg: ProviderConfig) -> Self {
         Self {
-            http: http_client(&cfg),
-            url: format!("{}/chat/completions", cfg.base_url),
-            timeout: Duration::from_secs_f64(cfg.timeout_s),
-            cfg,
+            up: wire::Upstream::new(cfg, "/chat/completions", wire::Auth::Bearer, &[]),
         }
     }
 
-    fn request(&self, body: &ChatBody, stream: bool, key: Option<&str>) -> reqwest::RequestBuilder {
+    /// The request as it came, with the provider's model and the stream settings.
+    fn request(&self, body: &ChatBody, stream: bool) -> Value {
         let mut body = body.clone();
-        body.insert("model".into(), Value::String(self.cfg.model.clone()));
+        body.insert("model".into(), Value::String(self.up.cfg.model.clone()));
         if stream {
             body.insert("stream".into(), Value::Bool(true));
             // Ask for usage so it can be recorded even when the client did not ask for it.
+            // (A client may send `stream_options: null`; it is replaced, not skipped.)
             let opts = body
                 .entry("stream_options")
                 .or_insert_with(|| Value::Object(Default::default()));
+            if !opts.is_object() {
+                *opts = Value::Object(Default::default());
+            }
             if let Some(o) = opts.as_object_mut() {
                 o.insert("include_usage".into(), Value::Bool(true));
             }
@@ -44,80 +39,70 @@ impl OpenAi {
             body.remove("stream");
             body.remove("stream_options");
         }
-        let mut req = self.http.post(&self.url).json(&body);
-        if let Some(k) = key {
-            req = req.bearer_auth(k);
-        }
-        req
+        Value::Object(body)
     }
 }
 
 #[async_trait]
 impl Provider for OpenAi {
     fn config(&self) -> &ProviderConfig {
-        &self.cfg
+        &self.up.cfg
     }
 
     async fn complete(&self, body: &ChatBody) -> Result<Completion, ProviderError> {
-        let key = self.cfg.api_key();
-        let key = key.as_deref();
-        let call = async {
-            let resp = self
-                .request(body, false, key)
-                .send()
-                .await
-                .map_err(|e| transport_error(e, self.timeout, key))?;
-            if !resp.status().is_success() {
-                return Err(status_error(resp, key).await);
-            }
-            let bytes = resp
-                .bytes()
-                .await
-                .map_err(|e| transport_error(e, self.timeout, key))?;
-            parse_completion(&bytes)
-        };
-        tokio::time::timeout(self.timeout, call)
-            .await
-            .map_err(|_| ProviderError::Timeout(self.timeout))?
+        let request = self.request(body, false);
+        self.up.complete(&request, parse_completion).await
     }
 
     async fn stream(&self, body: &ChatBody) -> Result<ChunkStream, ProviderError> {
-        let key = self.cfg.api_key();
-        let send = self.request(body, true, key.as_deref()).send();
-        let resp = tokio::time::timeout(self.timeout, send)
-            .await
-            .map_err(|_| ProviderError::Timeout(self.timeout))?
-            .map_err(|e| transport_error(e, self.timeout, key.as_deref()))?;
-        if !resp.status().is_success() {
-            return Err(status_error(resp, key.as_deref()).await);
+        let request = self.request(body, true);
+        let chunks = Passthrough::default();
+        self.up.stream(&request, wire::Framing::Sse, chunks).await
+    }
+}
+
+/// OpenAI chunks pass as they are; `[DONE]` ends the answer.
+#[derive(Default)]
+struct Passthrough {
+    done: bool,
+    finish_seen: bool,
+}
+
+impl wire::Translate for Passthrough {
+    fn event(&mut self, _: &str, data: &str) -> Result<Vec<Value>, ProviderError> {
+        let data = data.trim();
+        if data.is_empty() {
+            return Ok(vec![]);
         }
-        let timeout = self.timeout;
-        let events = resp.bytes_stream().eventsource();
-        let chunks = events
-            .take_while(|ev| {
-                futures::future::ready(!matches!(ev, Ok(e) if e.data.trim() == "[DONE]"))
-            })
-            .filter_map(move |ev| {
-                let key = key.clone();
-                async move {
-                    match ev {
-                        Ok(e) if e.data.trim().is_empty() => None,
-                        Ok(e) => Some(parse_chunk(&e.data, key.as_deref())),
-                        Err(e) => Some(Err(ProviderError::Network(redact(
-                            &format!("stream interrupted: {e} (after {timeout:?} budget)"),
-                            key.as_deref(),
-                        )))),
-                    }
-                }
-            });
-        Ok(chunks.boxed())
+        if data == "[DONE]" {
+            self.done = true;
+            return Ok(vec![]);
+        }
+        let chunk = parse_chunk(data)?;
+        let finished = chunk
+            .get("choices")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .any(|c| c.get("finish_reason").is_some_and(|f| !f.is_null()));
+        self.finish_seen |= finished;
+        Ok(vec![chunk])
+    }
+
+    fn finished(&self) -> bool {
+        self.done
+    }
+
+    /// Some compatible servers close without `[DONE]`; an answer that reached its
+    /// `finish_reason` is complete, anything else was cut short.
+    fn at_eof(&self) -> Option<ProviderError> {
+        (!self.finish_seen)
+            .then(|| ProviderError::BadResponse("the stream ended before a finish_reason".into()))
     }
 }
 
 /// Reads a `chat.completion` body; anything without `choices` is not an answer.
-pub fn parse_completion(bytes: &[u8]) -> Result<Completion, ProviderError> {
-    let body: Value = serde_json::from_slice(bytes)
-        .map_err(|e| ProviderError::BadResponse(format!("not JSON ({e})")))?;
+pub fn parse_completion(body: Value) -> Result<Completion, ProviderError> {
     if !body.get("choices").is_some_and(Value::is_array) {
         return Err(ProviderError::BadResponse(
             "no `choices` in the answer".into(),
@@ -127,9 +112,8 @@ pub fn parse_completion(bytes: &[u8]) -> Result<Completion, ProviderError> {
     Ok(Completion { body, usage })
 }
 
-fn parse_chunk(data: &str, secret: Option<&str>) -> Result<Value, ProviderError> {
-    let v: Value = serde_json::from_str(data)
-        .map_err(|e| ProviderError::BadResponse(format!("stream event is not JSON ({e})")))?;
+fn parse_chunk(data: &str) -> Result<Value, ProviderError> {
+    let v = wire::event_json(data)?;
     if let Some(err) = v.get("error") {
         let message = err
             .get("message")
@@ -137,7 +121,7 @@ fn parse_chunk(data: &str, secret: Option<&str>) -> Result<Value, ProviderError>
             .unwrap_or("upstream error in stream");
         return Err(ProviderError::Status {
             status: 502,
-            message: redact(message, secret),
+            message: message.to_string(),
             retry_after: None,
         });
     }
@@ -150,9 +134,7 @@ mod tests {
 
     #[test]
     fn completion_keeps_usage_and_rejects_garbage() {
-        let c = parse_completion(
-            br#"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#,
-        )
+        let c = parse_completion(serde_json::json!({"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}))
         .unwrap();
         assert_eq!(
             c.usage,
@@ -162,11 +144,7 @@ mod tests {
             }
         );
         assert!(matches!(
-            parse_completion(b"<html>"),
-            Err(ProviderError::BadResponse(_))
-        ));
-        assert!(matches!(
-            parse_completion(b"{\"ok\":true}"),
+            parse_completion(serde_json::json!({"ok": true})),
             Err(ProviderError::BadResponse(_))
         ));
     }

@@ -11,6 +11,8 @@ mod durability;
 mod hygiene;
 mod multi_instance;
 mod observability;
+mod providers;
 mod resilience;
 mod sdk;
 mod store_conformance;
+mod streaming;

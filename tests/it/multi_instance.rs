@@ -198,7 +198,7 @@ async fn news_crosses_instances() {
     let fake = FakeOpenAi::start().await;
     // The first call hangs and holds the one slot node-0 allows itself, so node-0 can
     // lease nothing more: every later job has to run on node-1.
-    fake.script([fake_openai::Reply::Hang]);
+    fake.script([crate::support::Reply::Hang]);
     let mut c = Cluster::new(&db);
     c.start(&fake, "rpm = 10000\nconcurrency = 1", 10).await;
     c.start(&fake, "rpm = 10000\nconcurrency = 5", 10).await;

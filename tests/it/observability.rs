@@ -9,7 +9,7 @@ use chrono::TimeZone;
 use serde_json::{Value, json};
 use sqlx::Connection;
 
-use crate::support::fake_openai::Reply;
+use crate::support::Reply;
 use crate::support::*;
 
 /// Every line of every `requests-*.jsonl` file in `dir`, as text.

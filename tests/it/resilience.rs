@@ -216,7 +216,8 @@ async fn rate_limit_past_the_deadline_is_a_429_with_retry_after() {
             openai_provider("solo", &fake.base_url(), ""),
             router_yaml(&["solo"], ""),
         )
-        .env("ORCH_REQUEST_TIMEOUT_SECONDS", "3"),
+        // Far below the 120 s cool-down, with room for a loaded machine.
+        .env("ORCH_REQUEST_TIMEOUT_SECONDS", "10"),
     )
     .await;
     fake.script([Reply::rate_limited("120")]);

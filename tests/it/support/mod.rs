@@ -3,8 +3,12 @@
 
 #![allow(dead_code)]
 
+pub mod fake;
+pub mod fake_anthropic;
+pub mod fake_ollama;
 pub mod fake_openai;
 pub mod pg;
+pub mod sse;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -16,13 +20,25 @@ use llm_orch::config::Settings;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-pub use fake_openai::{FakeOpenAi, Reply};
+pub use fake::{Fake, Reply};
+pub use fake_openai::FakeOpenAi;
+pub use sse::Sse;
 
 /// A providers.toml table for an OpenAI-compatible fake.
 pub fn openai_provider(name: &str, base_url: &str, extra: &str) -> String {
     format!(
         "[{name}]\ntype = \"openai\"\nbase_url = \"{base_url}\"\nmodel = \"m-{name}\"\n{extra}\n"
     )
+}
+
+/// A providers.toml table of any type for a fake (or `dummy`, with an empty base_url).
+pub fn provider(name: &str, kind: &str, base_url: &str, extra: &str) -> String {
+    let url = if base_url.is_empty() {
+        String::new()
+    } else {
+        format!("base_url = \"{base_url}\"\n")
+    };
+    format!("[{name}]\ntype = \"{kind}\"\n{url}model = \"m-{name}\"\n{extra}\n")
 }
 
 /// A router.yaml with DEFAULT → `chain` (priority) and any extra routes.
@@ -269,5 +285,117 @@ impl Drop for Binary {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Where the fakes find their key: cargo sets it for every test process, so no test has
+/// to change the environment (which is unsafe with other threads running).
+pub const KEY_ENV: &str = "CARGO_PKG_NAME";
+
+pub fn upstream_key() -> String {
+    std::env::var(KEY_ENV).expect("cargo sets CARGO_PKG_NAME for tests")
+}
+
+/// One gateway with a fake of every wire format and the dummy, each behind its own route:
+/// `OA` (openai), `AN` (anthropic), `OL` (ollama), `DU` (dummy); DEFAULT is `OA`.
+pub struct Fleet {
+    pub app: TestApp,
+    pub openai: Fake,
+    pub anthropic: Fake,
+    pub ollama: Fake,
+}
+
+/// Routes of a `Fleet`, with the provider behind each.
+pub const FLEET_ROUTES: [(&str, &str); 4] =
+    [("OA", "oa"), ("AN", "an"), ("OL", "ol"), ("DU", "du")];
+
+impl Fleet {
+    /// `extra_providers`/`extra_routes` add to the fleet's config (e.g. failover chains).
+    pub async fn start_with(
+        extra_providers: &str,
+        extra_routes: &str,
+        env: &[(&str, &str)],
+    ) -> Self {
+        let (openai, anthropic, ollama) = (
+            Fake::start().await,
+            Fake::anthropic().await,
+            Fake::ollama().await,
+        );
+        let limits = "rpm = 1000\nconcurrency = 8\nmax_retries = 0";
+        let keyed = format!("auth_env = \"{KEY_ENV}\"\n{limits}");
+        let providers = [
+            provider("oa", "openai", &openai.base_url(), &keyed),
+            provider("an", "anthropic", &anthropic.base_url(), &keyed),
+            provider("ol", "ollama", &ollama.base_url(), limits),
+            provider("du", "dummy", "", limits),
+            extra_providers.to_string(),
+        ]
+        .concat();
+        let mut routes: String = FLEET_ROUTES
+            .iter()
+            .map(|(r, p)| format!("  {r}:\n    primary: {p}\n"))
+            .collect();
+        routes.push_str(extra_routes);
+        let mut opts = Options::new(providers, router_yaml(&["oa"], &routes));
+        for (k, v) in env {
+            opts = opts.env(k, v);
+        }
+        let app = spawn_app(opts).await;
+        Self {
+            app,
+            openai,
+            anthropic,
+            ollama,
+        }
+    }
+
+    pub async fn start() -> Self {
+        Self::start_with("", "", &[]).await
+    }
+
+    /// A chat request on a route.
+    pub async fn chat(&self, route: &str, body: Value) -> reqwest::Response {
+        self.app
+            .chat_with(body, &[("x-orch-task-kind", route)])
+            .await
+    }
+
+    /// The fake behind a route (None for the dummy).
+    pub fn fake(&self, route: &str) -> Option<&Fake> {
+        match route {
+            "OA" => Some(&self.openai),
+            "AN" => Some(&self.anthropic),
+            "OL" => Some(&self.ollama),
+            _ => None,
+        }
+    }
+
+    pub async fn job(&self, resp: &reqwest::Response) -> Value {
+        let id = resp.headers()["x-orch-request-id"].to_str().unwrap();
+        self.app.wait_job(id, Duration::from_secs(20)).await
+    }
+}
+
+/// What an OpenAI SDK reads of a completion or chunk, with ids, times, models and
+/// counts reduced to their types and the dummy's text prefix made the fakes', so answers
+/// from different providers can be compared whole.
+pub fn shape(v: &Value) -> Value {
+    match v {
+        Value::Object(o) => Value::Object(
+            o.iter()
+                .filter(|(k, _)| k.as_str() != "system_fingerprint")
+                .map(|(k, v)| {
+                    let v = match (k.as_str(), v) {
+                        ("id" | "created" | "model", Value::String(_)) => json!("<string>"),
+                        (_, Value::Number(_)) if k != "index" => json!("<number>"),
+                        _ => shape(v),
+                    };
+                    (k.clone(), v)
+                })
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.iter().map(shape).collect()),
+        Value::String(s) => Value::String(s.replace("dummy:", "fake:")),
+        other => other.clone(),
     }
 }

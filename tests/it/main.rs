@@ -4,6 +4,7 @@
 mod support;
 
 mod bad_input;
+mod batches;
 mod budgets;
 mod chat;
 mod durability;

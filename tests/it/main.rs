@@ -4,6 +4,7 @@
 mod support;
 
 mod bad_input;
+mod batch_store;
 mod batches;
 mod budgets;
 mod chat;

@@ -749,3 +749,22 @@ async fn a_batch_survives_a_restart() {
         .collect();
     assert_eq!(ids, ["s0", "s1", "s2", "s3", "s4", "s5"]);
 }
+
+#[tokio::test]
+async fn uploads_have_their_own_limit_above_the_body_limit() {
+    let providers = "[dummy_a]\ntype = \"dummy\"\nmodel = \"dummy-model\"\n";
+    let app = spawn_app(
+        Options::new(providers, router_yaml(&["dummy_a"], "")).env("ORCH_MAX_BODY_BYTES", "4096"),
+    )
+    .await;
+    let api = Api::new(&app);
+    // 3 MB: past the 4 KB body limit and axum's 2 MB default, far below 200 MB.
+    let big = line("big", "m", &"x".repeat(3 * 1024 * 1024));
+    let file = api.upload(&jsonl(&[big])).await;
+    let (code, b) = api.create(&file, Value::Null).await;
+    assert_eq!(code, 200, "{b}");
+    let (code, body) = api
+        .post("/v1/chat/completions", user(&"y".repeat(8192)))
+        .await;
+    assert_eq!(code, 413, "{body}");
+}

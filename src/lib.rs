@@ -112,6 +112,7 @@ impl App {
             stop_leasing: CancellationToken::new(),
             abort_calls: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            batch_nudge: tokio::sync::Notify::new(),
         });
         worker::refresh(&shared).await;
         shared

@@ -75,6 +75,19 @@ impl ApiError {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
     }
 
+    /// The backend lacks the feature (e.g. batches on a store without them).
+    pub fn not_implemented(message: impl Into<String>) -> Self {
+        let mut e = Self::new(StatusCode::NOT_IMPLEMENTED, "not_implemented", message);
+        e.code = Some("not_implemented".into());
+        e
+    }
+
+    /// Names the request field the error is about.
+    pub fn param(mut self, param: &str) -> Self {
+        self.param = Some(param.to_string());
+        self
+    }
+
     pub fn with_job(mut self, id: &str) -> Self {
         self.job_id = Some(id.to_string());
         self

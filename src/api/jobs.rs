@@ -58,6 +58,7 @@ pub async fn cancel_job(
                 // Stop the call at once if it runs here; elsewhere the lease renewal notices.
                 shared.abort_call(&id);
                 shared.telemetry.job_finished(&job, None);
+                shared.job_ended(&job);
                 shared
                     .signals
                     .job_finished(&id, Some(Arc::new(job.clone())));

@@ -2,9 +2,12 @@
 //! clients of the queue: they insert jobs, wait for them and render them.
 
 mod auth;
+pub mod batch_lines;
+mod batches;
 mod chat;
 mod cors;
 pub mod error;
+mod files;
 mod health;
 mod jobs;
 mod render;
@@ -46,6 +49,18 @@ pub fn router(state: AppState) -> Router {
         .route("/chat/completions", post(chat::chat_completions))
         .route("/v1/jobs/{id}", get(jobs::get_job))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel_job))
+        .route(
+            "/v1/files",
+            // Uploads have their own limit (multipart reads honour it, with a 413).
+            post(files::upload)
+                .layer(DefaultBodyLimit::max(files::MAX_FILE_BYTES))
+                .get(files::list),
+        )
+        .route("/v1/files/{id}", get(files::get).delete(files::delete))
+        .route("/v1/files/{id}/content", get(files::content))
+        .route("/v1/batches", post(batches::create).get(batches::list))
+        .route("/v1/batches/{id}", get(batches::get))
+        .route("/v1/batches/{id}/cancel", post(batches::cancel))
         .route("/v1/models", get(health::models))
         .route("/metrics", get(health::metrics))
         .layer(axum::middleware::from_fn_with_state(

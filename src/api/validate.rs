@@ -15,8 +15,8 @@ const ROLES: &[&str] = &[
     "function",
 ];
 
-/// Parses and checks the body; returns the request object.
-pub fn chat_request(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
+/// Parses a body that must be a JSON object.
+pub fn json_object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
     let value: Value = serde_json::from_slice(bytes)
         .map_err(|e| ApiError::invalid(format!("request body is not valid JSON: {e}"), None))?;
     let Value::Object(body) = value else {
@@ -25,6 +25,12 @@ pub fn chat_request(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
             None,
         ));
     };
+    Ok(body)
+}
+
+/// Parses and checks the body; returns the request object.
+pub fn chat_request(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    let body = json_object(bytes)?;
     check_messages(body.get("messages"))?;
     let expect = |field: &str, ok: fn(&Value) -> bool, what: &str| -> Result<(), ApiError> {
         match body.get(field) {

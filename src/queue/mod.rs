@@ -6,19 +6,24 @@
 //! Budgets (rpm, tpm, concurrency, cool-down, breaker) are checked in the same transaction
 //! that leases, so every instance sharing the database sees the same numbers.
 
+pub mod batches;
 pub mod budget;
 pub mod model;
 pub mod postgres;
+mod postgres_batches;
 pub mod row;
 pub mod signals;
 pub mod sqlite;
+mod sqlite_batches;
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
+pub use batches::BatchStore;
 pub use model::*;
+pub use postgres_batches::PgBatchStore;
 pub use signals::Signals;
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +58,11 @@ pub enum RescueScope<'a> {
 pub trait QueueStore: Send + Sync + 'static {
     /// Which backend this is, for `/healthz` and logs.
     fn backend(&self) -> &'static str;
+
+    /// Files and batches (OpenAI Batch API), where this backend has them.
+    fn batches(&self) -> Option<&dyn BatchStore> {
+        None
+    }
 
     /// Milliseconds since the epoch by this store's clock (the database's, where shared).
     async fn now_ms(&self) -> StoreResult<i64>;

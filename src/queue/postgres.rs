@@ -47,6 +47,7 @@ const POOL_SIZE: u32 = 16;
 
 pub struct PostgresStore {
     pool: PgPool,
+    batches: super::postgres_batches::PgBatchStore,
 }
 
 impl PostgresStore {
@@ -67,7 +68,10 @@ impl PostgresStore {
             .await
             .map_err(|e| StoreError::Open(format!("cannot connect to Postgres: {e}")))?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self {
+            batches: super::postgres_batches::PgBatchStore::new(pool.clone()),
+            pool,
+        })
     }
 
     /// Re-queues (or, for streams, fails) the running jobs in scope. Rows another rescuer
@@ -180,6 +184,10 @@ where
 impl QueueStore for PostgresStore {
     fn backend(&self) -> &'static str {
         "postgres"
+    }
+
+    fn batches(&self) -> Option<&dyn super::batches::BatchStore> {
+        Some(&self.batches)
     }
 
     async fn now_ms(&self) -> StoreResult<i64> {

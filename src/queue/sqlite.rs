@@ -27,13 +27,13 @@ use crate::config::SqliteSync;
 use crate::{attempt_columns, job_columns};
 
 pub struct SqliteStore {
-    writer: Mutex<SqliteConnection>,
-    readers: SqlitePool,
+    pub(super) writer: Mutex<SqliteConnection>,
+    pub(super) readers: SqlitePool,
     /// Held for the life of the store: the file lock that keeps a second process out.
     _lock: File,
 }
 
-fn now_ms() -> i64 {
+pub(super) fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
@@ -171,6 +171,10 @@ impl QueueStore for SqliteStore {
 
     async fn now_ms(&self) -> StoreResult<i64> {
         Ok(now_ms())
+    }
+
+    fn batches(&self) -> Option<&dyn BatchStore> {
+        Some(self)
     }
 
     async fn insert_job(&self, job: &NewJob) -> StoreResult<Inserted> {

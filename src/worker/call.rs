@@ -354,6 +354,7 @@ async fn settle(
         _ => {
             tracing::info!(job_id = %job.id, status = job.status.as_str(), "job finished");
             shared.telemetry.job_finished(&job, Some(&cfg.model));
+            shared.job_ended(&job);
             let id = job.id.clone();
             shared.signals.job_finished(&id, Some(Arc::new(job)));
         }

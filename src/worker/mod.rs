@@ -3,6 +3,7 @@
 //! This is the only place that calls upstreams and the only place that decides retry,
 //! hop, cool-down and completion.
 
+pub mod batches;
 mod call;
 pub mod policy;
 mod pool;
@@ -40,6 +41,8 @@ pub struct Shared {
     /// Aborts running calls (after the grace period).
     pub abort_calls: CancellationToken,
     pub tracker: TaskTracker,
+    /// Wakes the batch finalizer (a batch line finished or was cancelled).
+    pub batch_nudge: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -48,6 +51,13 @@ impl Shared {
         let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(token) = running.get(job_id) {
             token.cancel();
+        }
+    }
+
+    /// A job ended: if it is a batch line, its batch may be done.
+    pub fn job_ended(&self, job: &crate::queue::Job) {
+        if job.batch_id.is_some() {
+            self.batch_nudge.notify_one();
         }
     }
 }
@@ -101,6 +111,8 @@ impl Workers {
         }
         let s = shared.clone();
         shared.tracker.spawn(async move { rescuer::run(s).await });
+        let s = shared.clone();
+        shared.tracker.spawn(async move { batches::run(s).await });
         Self { shared }
     }
 

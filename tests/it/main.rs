@@ -5,6 +5,8 @@ mod support;
 
 mod access;
 mod bad_input;
+mod batch_store;
+mod batches;
 mod budgets;
 mod chat;
 mod durability;

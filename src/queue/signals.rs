@@ -6,6 +6,7 @@
 //! signals from `LISTEN/NOTIFY` so work done on another instance wakes waiters here.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{Notify, oneshot};
@@ -19,6 +20,8 @@ pub type Finished = Option<Arc<Job>>;
 #[derive(Default)]
 pub struct Signals {
     pools: Mutex<HashMap<String, Arc<Notify>>>,
+    /// Per pool: is it waiting for a call slot (rather than for work)?
+    wants_capacity: Mutex<HashMap<String, Arc<AtomicBool>>>,
     waiters: Mutex<HashMap<String, Vec<oneshot::Sender<Finished>>>>,
 }
 
@@ -36,6 +39,24 @@ impl Signals {
     /// Wakes the pool of `provider` (work queued, budget freed).
     pub fn wake_pool(&self, provider: &str) {
         self.pool(provider).notify_one();
+    }
+
+    /// The flag a pool raises while more work may wait than it had slots for.
+    pub fn capacity_flag(&self, provider: &str) -> Arc<AtomicBool> {
+        let mut flags = self
+            .wants_capacity
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        flags.entry(provider.to_string()).or_default().clone()
+    }
+
+    /// A call of `provider` ended: wake its pool only if it waits for a slot. When its
+    /// last lease drained the queue, new work wakes it anyway, and an empty lease
+    /// transaction after every call would be wasted.
+    pub fn slot_freed(&self, provider: &str) {
+        if self.capacity_flag(provider).load(Ordering::Acquire) {
+            self.wake_pool(provider);
+        }
     }
 
     /// Registers interest in a job's end. Register before inserting or re-reading the row,

@@ -75,7 +75,7 @@ async fn attempt(shared: Arc<Shared>, provider: Arc<dyn Provider>, leased: Lease
         }
         Some(v) => settle(&shared, provider.as_ref(), job, attempt_n, v).await,
     }
-    shared.signals.wake_pool(&provider.config().name);
+    shared.signals.slot_freed(&provider.config().name);
 }
 
 /// How the call ended, before the policy weighs it.

@@ -1,6 +1,7 @@
 //! The lease loop of one provider's pool.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::sync::{Notify, Semaphore};
@@ -28,7 +29,10 @@ pub async fn run(shared: Arc<Shared>, name: String) {
     let lease_ms = i64::try_from(shared.settings.lease.as_millis()).unwrap_or(30_000);
     tracing::debug!(provider = %name, "pool started");
 
+    let wants_capacity = shared.signals.capacity_flag(&name);
     while !shared.stop_leasing.is_cancelled() {
+        // Until this lease shows the queue drained, a call that ends should wake us.
+        wants_capacity.store(true, Ordering::Release);
         let free = slots.available_permits();
         if free == 0 {
             nap(&notify, &shared.stop_leasing, POLL, true).await;
@@ -72,9 +76,14 @@ pub async fn run(shared: Arc<Shared>, name: String) {
             // Time-based blocks: new work cannot change them, so don't wake for it.
             Some(
                 Blocked::Cooldown(t) | Blocked::Breaker(t) | Blocked::Rpm(t) | Blocked::Tpm(t),
-            ) => nap(&notify, &shared.stop_leasing, until(t).min(POLL * 5), false).await,
+            ) => {
+                wants_capacity.store(false, Ordering::Release);
+                nap(&notify, &shared.stop_leasing, until(t).min(POLL * 5), false).await
+            }
             Some(Blocked::Concurrency) => nap(&notify, &shared.stop_leasing, POLL, true).await,
             None => {
+                // Nothing due: new work (or a retry coming due) wakes us, ended calls need not.
+                wants_capacity.store(false, Ordering::Release);
                 let wait = lease.next_due_at.map_or(POLL, |t| until(t).min(POLL));
                 nap(&notify, &shared.stop_leasing, wait, true).await
             }

@@ -55,6 +55,18 @@ pub async fn open_store(settings: &Settings) -> Result<Arc<dyn QueueStore>, queu
     }
 }
 
+/// Opens the store only to read from it (`metrics export`), beside a running gateway.
+pub async fn open_store_for_reading(
+    settings: &Settings,
+) -> Result<Arc<dyn QueueStore>, queue::StoreError> {
+    match &settings.database_url {
+        DatabaseUrl::Sqlite(path) => Ok(Arc::new(
+            queue::sqlite::SqliteStore::open_for_reading(path, settings.sqlite_sync).await?,
+        )),
+        DatabaseUrl::Postgres(_) => open_store(settings).await,
+    }
+}
+
 /// A built gateway: listening, workers running, not yet serving HTTP.
 pub struct App {
     listener: TcpListener,

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use llm_orch::config::{Config, Settings};
-use llm_orch::{App, open_store, shutdown_signal, telemetry};
+use llm_orch::{App, open_store, open_store_for_reading, shutdown_signal, telemetry};
 
 #[derive(Parser)]
 #[command(
@@ -151,7 +151,7 @@ async fn export(
         return ExitCode::FAILURE;
     }
     let out = out.unwrap_or_else(|| settings.metrics_dir.clone());
-    let store = match open_store(&settings).await {
+    let store = match open_store_for_reading(&settings).await {
         Ok(s) => s,
         Err(e) => {
             eprintln!("llm-orch: {e}");

@@ -29,8 +29,9 @@ use crate::{attempt_columns, job_columns};
 pub struct SqliteStore {
     pub(super) writer: Mutex<SqliteConnection>,
     pub(super) readers: SqlitePool,
-    /// Held for the life of the store: the file lock that keeps a second process out.
-    _lock: File,
+    /// Held for the life of the store: the file lock that keeps a second process out
+    /// (`None` for a reader opened beside a running gateway).
+    _lock: Option<File>,
 }
 
 pub(super) fn now_ms() -> i64 {
@@ -96,7 +97,38 @@ impl SqliteStore {
         Ok(Self {
             writer: Mutex::new(writer),
             readers,
-            _lock: lock,
+            _lock: Some(lock),
+        })
+    }
+
+    /// Opens the database only to read it, for tools such as `metrics export`: when a
+    /// gateway holds the file, this opens it read-only beside it (WAL lets readers in
+    /// while it writes); when none does, it is an ordinary open.
+    pub async fn open_for_reading(path: &Path, sync: SqliteSync) -> StoreResult<Self> {
+        match Self::open(path, sync).await {
+            Err(StoreError::Open(msg)) if msg.starts_with("another llm-orch process") => {}
+            other => return other,
+        }
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
+            .map_err(|e| StoreError::Open(format!("bad SQLite path {}: {e}", path.display())))?
+            .read_only(true)
+            .busy_timeout(Duration::from_secs(10));
+        let writer = SqliteConnection::connect_with(&options)
+            .await
+            .map_err(|e| {
+                StoreError::Open(format!(
+                    "cannot open SQLite database {} to read: {e}",
+                    path.display()
+                ))
+            })?;
+        let readers = SqlitePoolOptions::new()
+            .max_connections(2)
+            .connect_with(options)
+            .await?;
+        Ok(Self {
+            writer: Mutex::new(writer),
+            readers,
+            _lock: None,
         })
     }
 
@@ -265,18 +297,27 @@ impl QueueStore for SqliteStore {
             }
         };
         let lease_until = now + req.lease_ms;
-        // Pick, then mark each job. (One `UPDATE … WHERE id IN (SELECT … LIMIT ?)` would be a
-        // single statement, but SQLite re-prepares that form on every run.)
-        let ids: Vec<(String,)> = sqlx::query_as(
-            "SELECT id FROM jobs WHERE provider = ?1 AND status = 'queued' AND run_at <= ?2 \
-             AND (pinned_instance IS NULL OR pinned_instance = ?3) ORDER BY priority, run_at LIMIT ?4",
-        )
-        .bind(&req.provider)
-        .bind(now)
-        .bind(&req.instance)
-        .bind(limit)
-        .fetch_all(&mut *tx)
-        .await?;
+        // Pick, then mark each job. The LIMIT is a constant in the SQL text: SQLite plans
+        // with a bound LIMIT's value and re-prepares the statement whenever it changes.
+        // (One `UPDATE … WHERE id IN (SELECT …)` would save a statement, but is re-prepared
+        // on every run for the same reason.)
+        macro_rules! pick {
+            ($limit:literal) => {
+                concat!(
+                    "SELECT id FROM jobs WHERE provider = ?1 AND status = 'queued' AND run_at <= ?2 \
+                     AND (pinned_instance IS NULL OR pinned_instance = ?3) ORDER BY priority, run_at LIMIT ",
+                    $limit
+                )
+            };
+        }
+        let sql = if limit == 1 { pick!("1") } else { pick!("64") };
+        let mut ids: Vec<(String,)> = sqlx::query_as(sql)
+            .bind(&req.provider)
+            .bind(now)
+            .bind(&req.instance)
+            .fetch_all(&mut *tx)
+            .await?;
+        ids.truncate(usize::try_from(limit).unwrap_or(1));
         let mut rows: Vec<JobRow> = Vec::with_capacity(ids.len());
         for (id,) in &ids {
             let row: JobRow = sqlx::query_as(concat!(

@@ -259,3 +259,55 @@ async fn a_call_longer_than_the_lease_keeps_its_lease_and_runs_once() {
         .unwrap();
     assert_eq!(j["attempts"].as_array().unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn metrics_export_reads_the_sqlite_file_while_the_gateway_serves() {
+    let fake = FakeOpenAi::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let env = prepare(
+        dir.path(),
+        &Options::new(
+            openai_provider("up", &fake.base_url(), ""),
+            router_yaml(&["up"], ""),
+        ),
+    );
+    let bin = spawn_binary(dir.path(), &env, "log.txt");
+    bin.wait_ready(Duration::from_secs(20)).await;
+    let http = reqwest::Client::new();
+    let resp = http
+        .post(format!("{}/v1/chat/completions", bin.url))
+        .json(&user("exported"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = resp.headers()["x-orch-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let out = dir.path().join("export");
+    let result = std::process::Command::new(env!("CARGO_BIN_EXE_llm-orch"))
+        .args(["metrics", "export", "--out"])
+        .arg(&out)
+        .envs(&env)
+        .output()
+        .unwrap();
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let written: String = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|f| std::fs::read_to_string(f.unwrap().path()).unwrap())
+        .collect();
+    assert!(written.contains(&id), "{written}");
+    // The gateway still serves after the export.
+    let again = http
+        .post(format!("{}/v1/chat/completions", bin.url))
+        .json(&user("after"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 200);
+}

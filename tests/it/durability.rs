@@ -22,6 +22,19 @@ async fn post_async(http: &reqwest::Client, url: &str, text: &str) -> String {
         .to_string()
 }
 
+/// A folder and environment for the real binary with one provider `up` at `fake`.
+fn solo_env(fake: &FakeOpenAi) -> (tempfile::TempDir, std::collections::HashMap<String, String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let env = prepare(
+        dir.path(),
+        &Options::new(
+            openai_provider("up", &fake.base_url(), ""),
+            router_yaml(&["up"], ""),
+        ),
+    );
+    (dir, env)
+}
+
 async fn job(http: &reqwest::Client, url: &str, id: &str) -> Value {
     http.get(format!("{url}/v1/jobs/{id}"))
         .send()
@@ -117,14 +130,7 @@ async fn kill_9_loses_no_job_and_never_repeats_a_finished_one() {
 #[tokio::test]
 async fn a_second_process_on_the_same_sqlite_file_refuses_to_start() {
     let fake = FakeOpenAi::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let env = prepare(
-        dir.path(),
-        &Options::new(
-            openai_provider("up", &fake.base_url(), ""),
-            router_yaml(&["up"], ""),
-        ),
-    );
+    let (dir, env) = solo_env(&fake);
     let first = spawn_binary(dir.path(), &env, "log-1.txt");
     first.wait_ready(Duration::from_secs(20)).await;
     let mut second = spawn_binary(dir.path(), &env, "log-2.txt");
@@ -263,14 +269,7 @@ async fn a_call_longer_than_the_lease_keeps_its_lease_and_runs_once() {
 #[tokio::test]
 async fn metrics_export_reads_the_sqlite_file_while_the_gateway_serves() {
     let fake = FakeOpenAi::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let env = prepare(
-        dir.path(),
-        &Options::new(
-            openai_provider("up", &fake.base_url(), ""),
-            router_yaml(&["up"], ""),
-        ),
-    );
+    let (dir, env) = solo_env(&fake);
     let bin = spawn_binary(dir.path(), &env, "log.txt");
     bin.wait_ready(Duration::from_secs(20)).await;
     let http = reqwest::Client::new();

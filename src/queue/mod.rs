@@ -100,6 +100,14 @@ pub trait QueueStore: Send + Sync + 'static {
     /// Puts this instance's running jobs back to `queued` at shutdown (attempt `released`).
     async fn release_leases(&self, instance: &str) -> StoreResult<Vec<String>>;
 
+    /// Up to `limit` jobs queued on `provider` (any `run_at`), lease order.
+    async fn queued_on(&self, provider: &str, limit: i64) -> StoreResult<Vec<Job>>;
+
+    /// Moves queued jobs to another hop of their chain without an attempt (their provider
+    /// cannot take calls now: cooling down, breaker open). A job that was leased or moved
+    /// meanwhile is left alone. Returns how many moved.
+    async fn move_queued(&self, moves: &[QueuedMove]) -> StoreResult<u64>;
+
     /// Queued jobs per provider.
     async fn queue_depths(&self) -> StoreResult<Vec<(String, i64)>>;
 

@@ -315,3 +315,13 @@ pub struct InstanceInfo {
     pub started_at: i64,
     pub heartbeat_at: i64,
 }
+
+/// A queued job sent on to another provider of its chain.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueuedMove {
+    pub job_id: String,
+    /// The provider it is queued on now; the move applies only if that is still so.
+    pub from: String,
+    pub hop: usize,
+    pub to: String,
+}

@@ -576,6 +576,45 @@ impl QueueStore for PostgresStore {
             .await
     }
 
+    async fn queued_on(&self, provider: &str, limit: i64) -> StoreResult<Vec<Job>> {
+        let rows: Vec<JobRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            job_columns!(),
+            " FROM jobs WHERE provider = $1 AND status = 'queued' ORDER BY priority, run_at LIMIT $2"
+        ))
+        .bind(provider)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(Job::try_from).collect()
+    }
+
+    async fn move_queued(&self, moves: &[QueuedMove]) -> StoreResult<u64> {
+        if moves.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<&str> = moves.iter().map(|m| m.job_id.as_str()).collect();
+        let from: Vec<&str> = moves.iter().map(|m| m.from.as_str()).collect();
+        let hops: Vec<i64> = moves.iter().map(|m| m.hop as i64).collect();
+        let to: Vec<&str> = moves.iter().map(|m| m.to.as_str()).collect();
+        // One statement; the providers that received work hear of it on every instance.
+        let (moved,): (i64,) = sqlx::query_as(
+            "WITH m AS (SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[]) \
+                 AS m(id, from_provider, hop, to_provider)), \
+             u AS (UPDATE jobs j SET hop = m.hop, provider = m.to_provider, hops = j.hops + 1, hop_tries = 0 \
+                 FROM m WHERE j.id = m.id AND j.status = 'queued' AND j.provider = m.from_provider \
+                 RETURNING j.provider) \
+             SELECT count(*) FROM (SELECT pg_notify('orch_provider', provider) FROM u) n",
+        )
+        .bind(&ids)
+        .bind(&from)
+        .bind(&hops)
+        .bind(&to)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(u64::try_from(moved).unwrap_or(0))
+    }
+
     async fn queue_depths(&self) -> StoreResult<Vec<(String, i64)>> {
         Ok(sqlx::query_as(
             "SELECT provider, count(*) FROM jobs WHERE status = 'queued' GROUP BY provider",

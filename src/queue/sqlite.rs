@@ -539,6 +539,43 @@ impl QueueStore for SqliteStore {
             .await
     }
 
+    async fn queued_on(&self, provider: &str, limit: i64) -> StoreResult<Vec<Job>> {
+        let rows: Vec<JobRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            job_columns!(),
+            " FROM jobs WHERE provider = ?1 AND status = 'queued' ORDER BY priority, run_at LIMIT ?2"
+        ))
+        .bind(provider)
+        .bind(limit)
+        .fetch_all(&self.readers)
+        .await?;
+        rows.into_iter().map(Job::try_from).collect()
+    }
+
+    async fn move_queued(&self, moves: &[QueuedMove]) -> StoreResult<u64> {
+        if moves.is_empty() {
+            return Ok(0);
+        }
+        let mut conn = self.writer.lock().await;
+        let mut tx = conn.begin().await?;
+        let mut moved = 0;
+        for m in moves {
+            let done = sqlx::query(
+                "UPDATE jobs SET hop = ?1, provider = ?2, hops = hops + 1, hop_tries = 0 \
+                 WHERE id = ?3 AND status = 'queued' AND provider = ?4",
+            )
+            .bind(m.hop as i64)
+            .bind(&m.to)
+            .bind(&m.job_id)
+            .bind(&m.from)
+            .execute(&mut *tx)
+            .await?;
+            moved += done.rows_affected();
+        }
+        tx.commit().await?;
+        Ok(moved)
+    }
+
     async fn queue_depths(&self) -> StoreResult<Vec<(String, i64)>> {
         Ok(sqlx::query_as(
             "SELECT provider, COUNT(*) FROM jobs WHERE status = 'queued' GROUP BY provider",

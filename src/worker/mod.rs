@@ -7,6 +7,7 @@ pub mod batches;
 mod call;
 pub mod policy;
 mod pool;
+mod reroute;
 mod rescuer;
 pub mod streams;
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use super::{Shared, call};
+use super::{Shared, call, reroute};
 use crate::queue::{Blocked, Budget, LeaseRequest};
 
 /// The safety net: a pool looks at the queue at least this often even with no signal.
@@ -78,6 +78,13 @@ pub async fn run(shared: Arc<Shared>, name: String) {
                 Blocked::Cooldown(t) | Blocked::Breaker(t) | Blocked::Rpm(t) | Blocked::Tpm(t),
             ) => {
                 wants_capacity.store(false, Ordering::Release);
+                if matches!(
+                    lease.blocked,
+                    Some(Blocked::Cooldown(_) | Blocked::Breaker(_))
+                ) {
+                    // Nothing can run here for a while: send what waits on to the next hop.
+                    reroute::reroute(&shared, &name).await;
+                }
                 nap(&notify, &shared.stop_leasing, until(t).min(POLL * 5), false).await
             }
             Some(Blocked::Concurrency) => nap(&notify, &shared.stop_leasing, POLL, true).await,

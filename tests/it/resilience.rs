@@ -331,3 +331,42 @@ async fn the_wait_running_out_is_a_504_with_the_job_id_and_the_job_goes_on() {
     let job = app.wait_job(id, Duration::from_secs(10)).await;
     assert_eq!(job["status"], "succeeded");
 }
+
+#[tokio::test]
+async fn jobs_queued_behind_a_429_move_to_the_next_provider_at_once() {
+    // `a` runs one call at a time; the second call meets a 429 with a 30 s cool-down while
+    // three more jobs wait in `a`'s queue. They must not wait out the cool-down.
+    let (a, b, app) = two("concurrency = 1", "", &[]).await;
+    a.set_latency(Duration::from_millis(500));
+    a.script([Reply::Ok, Reply::rate_limited("30")]);
+    let mut ids = vec![];
+    for i in 0..5 {
+        let resp = app
+            .chat_with(user(&format!("q{i}")), &[("x-orch-async", "true")])
+            .await;
+        ids.push(
+            resp.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    let started = Instant::now();
+    for id in &ids {
+        let job = app.wait_job(id, Duration::from_secs(10)).await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // `a`: the first job and the 429; `b`: the job that met the 429, and the three moved.
+    assert_eq!((a.call_count(), b.call_count()), (2, 4));
+    // A moved job never called `a`, and counts the move as a hop.
+    let last: Value = app
+        .get(&format!("/v1/jobs/{}", ids[4]))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(last["provider"], "b");
+    assert_eq!(last["fallback_attempts"], 1);
+    assert_eq!(outcomes(&last), ["ok"]);
+}

@@ -77,6 +77,7 @@ conformance!(
     rescue_scopes,
     rescue_fails_orphaned_streams,
     release_gives_back_hop_tries,
+    queued_jobs_move_to_another_hop,
     depths_and_running_counts,
     finished_jobs_paging,
     metrics_bookkeeping,
@@ -823,6 +824,45 @@ async fn release_gives_back_hop_tries(store: Store) {
     assert_eq!(a.outcome, "released");
     assert_eq!(get(&store, "theirs").await.status, JobStatus::Running);
     assert!(store.release_leases("me").await.unwrap().is_empty());
+}
+
+async fn queued_jobs_move_to_another_hop(store: Store) {
+    let now = store.now_ms().await.unwrap();
+    insert(&store, job("q1", &["a", "b"], now - 20)).await;
+    insert(&store, job("q2", &["a", "b"], now - 10)).await;
+    insert(&store, job("run", &["a", "b"], now - 30)).await;
+    lease_one(&store, "a", "i1").await;
+    let queued: Vec<String> = store
+        .queued_on("a", 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(queued, vec!["q1", "q2"]);
+    let mv = |id: &str, from: &str| QueuedMove {
+        job_id: id.into(),
+        from: from.into(),
+        hop: 1,
+        to: "b".into(),
+    };
+    // A running job, and a job no longer on `a`, are left alone.
+    let moved = store
+        .move_queued(&[mv("q1", "a"), mv("run", "a"), mv("q2", "zz")])
+        .await
+        .unwrap();
+    assert_eq!(moved, 1);
+    let j = get(&store, "q1").await;
+    assert_eq!(
+        (j.status, j.provider.as_str(), j.hop, j.hops, j.hop_tries),
+        (JobStatus::Queued, "b", 1, 1, 0)
+    );
+    assert_eq!(get(&store, "q2").await.provider, "a");
+    assert_eq!(get(&store, "run").await.status, JobStatus::Running);
+    assert_eq!(
+        lease_ids(&store, &lease_req("b", "i1", 5, budget(100, 10, None))).await,
+        vec!["q1"]
+    );
 }
 
 async fn depths_and_running_counts(store: Store) {

@@ -409,6 +409,9 @@ async fn open_stream(
                         guard.done = true;
                         return render::finished(&j);
                     }
+                    // A "go and look" wake-up (another instance, a listener reconnect) for a
+                    // job that still runs: keep waiting.
+                    Some(j) if !j.status.is_terminal() => watch.rearm(),
                     // Finished (or gone) with its chunks still in the channel: send them.
                     j => phase = Phase::Draining(j),
                 }
@@ -425,6 +428,7 @@ async fn open_stream(
         sticky,
         guard,
         phase,
+        sent: false,
     };
     let mut resp = Sse::new(sse_events(state))
         .keep_alive(
@@ -441,6 +445,7 @@ async fn open_stream(
 enum Next {
     Event(Option<StreamEvent>),
     Finished(Result<crate::queue::signals::Finished, ()>),
+    Shutdown,
 }
 
 /// What the SSE stream still has to do.
@@ -462,6 +467,8 @@ struct SseState {
     sticky: Option<(String, String)>,
     guard: StreamGuard,
     phase: Phase,
+    /// A chunk reached the client.
+    sent: bool,
 }
 
 fn sse_events(state: SseState) -> impl Stream<Item = Result<Event, Infallible>> {
@@ -476,13 +483,25 @@ fn sse_events(state: SseState) -> impl Stream<Item = Result<Event, Infallible>> 
                             biased;
                             ev = s.rx.recv() => Next::Event(ev),
                             fin = s.watch.wait(SAFETY_POLL) => Next::Finished(fin),
+                            // A stream still waiting for its first chunk would hold the
+                            // shutdown up to its deadline: end it (its job is cancelled).
+                            _ = s.app.shutting_down.cancelled(), if !s.sent => Next::Shutdown,
                         },
                     };
                     match next {
                         Next::Event(Some(StreamEvent::Chunk(c))) => {
                             if let Some(ev) = chunk_event(c, s.include_usage) {
+                                s.sent = true;
                                 return Some((Ok(ev), s));
                             }
+                        }
+                        Next::Shutdown => {
+                            s.phase = Phase::Ended;
+                            let err = ApiError::unavailable(
+                                "the gateway is shutting down before this stream started; retry",
+                            );
+                            let body = err.with_job(&s.job_id).body();
+                            return Some((Ok(Event::default().data(body.to_string())), s));
                         }
                         Next::Event(Some(StreamEvent::Error(e))) => {
                             s.guard.done = true;
@@ -494,7 +513,17 @@ fn sse_events(state: SseState) -> impl Stream<Item = Result<Event, Infallible>> 
                         Next::Event(Some(StreamEvent::Done) | None) => {
                             s.phase = Phase::Draining(None)
                         }
-                        Next::Finished(Ok(job)) => s.phase = Phase::Draining(job),
+                        Next::Finished(Ok(Some(job))) => s.phase = Phase::Draining(Some(job)),
+                        // "Go and look": only a terminal row ends the stream.
+                        Next::Finished(Ok(None)) => {
+                            match s.app.shared.store.get_job(&s.job_id).await {
+                                Ok(Some(job)) if job.status.is_terminal() => {
+                                    s.phase = Phase::Draining(Some(Arc::new(job)))
+                                }
+                                Ok(None) => s.phase = Phase::Draining(None),
+                                _ => s.watch.rearm(),
+                            }
+                        }
                         Next::Finished(Err(())) => {
                             // Safety poll: the job may have ended without a local signal.
                             if let Ok(Some(job)) = s.app.shared.store.get_job(&s.job_id).await

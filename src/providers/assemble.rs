@@ -5,6 +5,9 @@ use serde_json::{Map, Value, json};
 
 use super::Usage;
 
+/// Past this, a choice or tool-call index is not an answer but a broken (or hostile) upstream.
+const MAX_INDEX: usize = 128;
+
 #[derive(Debug, Default)]
 pub struct Assembler {
     id: Option<String>,
@@ -26,6 +29,33 @@ struct ChoiceAcc {
 }
 
 impl Assembler {
+    /// Refuses a chunk whose choice or tool-call index no real answer has: the index
+    /// comes from the upstream and sizes our buffers.
+    pub fn check(chunk: &Value) -> Result<(), super::ProviderError> {
+        let choices = chunk
+            .get("choices")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten();
+        for c in choices {
+            let tool_indices = c
+                .get("delta")
+                .and_then(|d| d.get("tool_calls"))
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|t| t.get("index"));
+            for i in c.get("index").into_iter().chain(tool_indices) {
+                if i.as_u64().is_none_or(|i| i >= MAX_INDEX as u64) {
+                    return Err(super::ProviderError::BadResponse(format!(
+                        "stream chunk with index {i}"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn push(&mut self, chunk: &Value) {
         self.chunks += 1;
         if self.id.is_none() {
@@ -50,6 +80,9 @@ impl Assembler {
             .flatten()
         {
             let idx = c.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
+            if idx >= MAX_INDEX {
+                continue;
+            }
             if self.choices.len() <= idx {
                 self.choices.resize(idx + 1, ChoiceAcc::default());
             }
@@ -77,6 +110,9 @@ impl Assembler {
                     .get("index")
                     .and_then(Value::as_u64)
                     .unwrap_or(acc.tool_calls.len() as u64) as usize;
+                if i >= MAX_INDEX {
+                    continue;
+                }
                 if acc.tool_calls.len() <= i {
                     acc.tool_calls.resize(i + 1, Map::new());
                 }
@@ -154,6 +190,20 @@ fn merge_tool_call(acc: &mut Map<String, Value>, delta: &Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn absurd_indices_are_refused_not_allocated() {
+        assert!(
+            Assembler::check(&json!({"choices":[{"index":0,"delta":{"content":"x"}}]})).is_ok()
+        );
+        assert!(Assembler::check(&json!({"choices":[{"index":u64::MAX,"delta":{}}]})).is_err());
+        let tool =
+            json!({"choices":[{"index":0,"delta":{"tool_calls":[{"index":10_000_000_000u64}]}}]});
+        assert!(Assembler::check(&tool).is_err());
+        let mut a = Assembler::default();
+        a.push(&tool);
+        assert_eq!(a.finish()["choices"][0]["message"].get("tool_calls"), None);
+    }
 
     #[test]
     fn text_tool_calls_and_usage_are_assembled() {

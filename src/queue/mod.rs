@@ -82,7 +82,15 @@ pub trait QueueStore: Send + Sync + 'static {
 
     /// Extends the lease of a running job; `false` when the job is no longer ours
     /// (cancelled, or rescued after our lease expired): the call must stop.
-    async fn renew_lease(&self, job_id: &str, instance: &str, lease_ms: i64) -> StoreResult<bool>;
+    /// `attempt_n`: the attempt the caller holds; a newer attempt of the same job (leased
+    /// again after this one's lease was lost) is not the caller's.
+    async fn renew_lease(
+        &self,
+        job_id: &str,
+        instance: &str,
+        attempt_n: i64,
+        lease_ms: i64,
+    ) -> StoreResult<bool>;
 
     /// Records the end of an attempt and moves the job on, in one transaction.
     /// `false` when the job was no longer ours; nothing is written then but the attempt.

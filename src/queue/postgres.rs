@@ -424,15 +424,22 @@ impl QueueStore for PostgresStore {
         })
     }
 
-    async fn renew_lease(&self, job_id: &str, instance: &str, lease_ms: i64) -> StoreResult<bool> {
+    async fn renew_lease(
+        &self,
+        job_id: &str,
+        instance: &str,
+        attempt_n: i64,
+        lease_ms: i64,
+    ) -> StoreResult<bool> {
         let done = sqlx::query(concat!(
             "UPDATE jobs SET lease_expires_at = ",
             db_now!(),
-            " + $1 WHERE id = $2 AND status = 'running' AND lease_owner = $3"
+            " + $1 WHERE id = $2 AND status = 'running' AND lease_owner = $3 AND attempt_count = $4"
         ))
         .bind(lease_ms)
         .bind(job_id)
         .bind(instance)
+        .bind(attempt_n)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
@@ -472,11 +479,15 @@ impl QueueStore for PostgresStore {
         // Only the lease holder may move the job on. Other instances hear of it: waiters
         // of a finished job re-read it, pools of the provider whose slot freed look again.
         macro_rules! owned {
-            ($set:literal, $notify:literal) => {
+            // Also only for the attempt it holds: after a lost lease the same instance may
+            // hold a newer attempt of the same job.
+            ($set:literal, $notify:literal, $attempt:literal) => {
                 concat!(
                     "WITH u AS (UPDATE jobs SET ",
                     $set,
-                    " WHERE id = $1 AND status = 'running' AND lease_owner = $2 RETURNING id, provider) \
+                    " WHERE id = $1 AND status = 'running' AND lease_owner = $2 AND attempt_count = ",
+                    $attempt,
+                    " RETURNING id, provider) \
                      SELECT count(*) FROM (SELECT ",
                     $notify,
                     ", pg_notify('orch_provider', $3) FROM u) n"
@@ -492,7 +503,8 @@ impl QueueStore for PostgresStore {
                 "status = 'succeeded', finished_at = $4, status_code = 200, result = $5, \
                  usage_prompt = $6, usage_completion = $7, lease_owner = NULL, lease_expires_at = NULL, \
                  finished_by = $2",
-                "pg_notify('orch_job_finished', id)"
+                "pg_notify('orch_job_finished', id)",
+                "$8"
             ))
             .bind(&fin.job_id)
             .bind(&fin.instance)
@@ -504,7 +516,8 @@ impl QueueStore for PostgresStore {
             Transition::Fail { error, partial } => sqlx::query(owned!(
                 "status = 'failed', finished_at = $4, status_code = $5, error = $6, result = $7, \
                  lease_owner = NULL, lease_expires_at = NULL, finished_by = $2",
-                "pg_notify('orch_job_finished', id)"
+                "pg_notify('orch_job_finished', id)",
+                "$8"
             ))
             .bind(&fin.job_id)
             .bind(&fin.instance)
@@ -522,7 +535,8 @@ impl QueueStore for PostgresStore {
                  hop_tries = CASE WHEN hop = $5 THEN hop_tries ELSE 0 END, hop = $5, provider = $6, \
                  hops = hops + CASE WHEN provider <> $6 THEN 1 ELSE 0 END, \
                  lease_owner = NULL, lease_expires_at = NULL",
-                "pg_notify('orch_provider', provider)"
+                "pg_notify('orch_provider', provider)",
+                "$7"
             ))
             .bind(&fin.job_id)
             .bind(&fin.instance)
@@ -530,7 +544,8 @@ impl QueueStore for PostgresStore {
             .bind(run_at)
             .bind(*hop as i64)
             .bind(provider),
-        };
+        }
+        .bind(fin.attempt_n);
         let done = changed(q, &mut *tx).await?;
         apply_effect(&mut tx, &fin.provider, &fin.effect).await?;
         tx.commit().await?;

@@ -138,8 +138,9 @@ impl SqliteStore {
         expired_only: bool,
         outcome: AttemptOutcome,
     ) -> StoreResult<Vec<String>> {
-        let now = now_ms();
+        // The clock is read once the writer is ours: a wait for the lock must not age it.
         let mut conn = self.writer.lock().await;
+        let now = now_ms();
         let mut tx = conn.begin().await?;
         let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
             "SELECT id, provider, pinned_instance FROM jobs WHERE status = 'running' \
@@ -262,8 +263,9 @@ impl QueueStore for SqliteStore {
     }
 
     async fn lease(&self, req: &LeaseRequest) -> StoreResult<Lease> {
-        let now = now_ms();
+        // The clock is read once the writer is ours: a wait for the lock must not age it.
         let mut conn = self.writer.lock().await;
+        let now = now_ms();
         let mut tx = conn.begin().await?;
         // Every budget input in one statement: one round trip to the SQLite thread.
         let (cooldown_until, breaker_open_until, running, calls, tokens, oldest_second): (i64, i64, i64, i64, i64, Option<i64>) =
@@ -391,14 +393,22 @@ impl QueueStore for SqliteStore {
         })
     }
 
-    async fn renew_lease(&self, job_id: &str, instance: &str, lease_ms: i64) -> StoreResult<bool> {
+    async fn renew_lease(
+        &self,
+        job_id: &str,
+        instance: &str,
+        attempt_n: i64,
+        lease_ms: i64,
+    ) -> StoreResult<bool> {
         let mut conn = self.writer.lock().await;
         let done = sqlx::query(
-            "UPDATE jobs SET lease_expires_at = ?1 WHERE id = ?2 AND status = 'running' AND lease_owner = ?3",
+            "UPDATE jobs SET lease_expires_at = ?1 WHERE id = ?2 AND status = 'running' AND lease_owner = ?3 \
+             AND attempt_count = ?4",
         )
         .bind(now_ms() + lease_ms)
         .bind(job_id)
         .bind(instance)
+        .bind(attempt_n)
         .execute(&mut *conn)
         .await?;
         Ok(done.rows_affected() == 1)
@@ -437,34 +447,38 @@ impl QueueStore for SqliteStore {
         .execute(&mut *tx)
         .await?;
         // Only the lease holder may move the job on.
+        // Only the lease holder may move the job on, and only for the attempt it holds:
+        // after a lost lease the same instance may hold a newer attempt of the same job.
         macro_rules! owned {
-            () => {
-                " WHERE id = ?1 AND status = 'running' AND lease_owner = ?2"
+            ($attempt:literal) => {
+                concat!(" WHERE id = ?1 AND status = 'running' AND lease_owner = ?2 AND attempt_count = ", $attempt)
             };
         }
         let done = match &fin.transition {
             Transition::Succeed { result, usage_prompt, usage_completion } => {
                 sqlx::query(concat!("UPDATE jobs SET status = 'succeeded', finished_at = ?3, status_code = 200, result = ?4, \
                      usage_prompt = ?5, usage_completion = ?6, lease_owner = NULL, lease_expires_at = NULL, \
-                     finished_by = ?2 ", owned!()))
+                     finished_by = ?2 ", owned!("?7")))
                 .bind(&fin.job_id)
                 .bind(&fin.instance)
                 .bind(fin.finished_at)
                 .bind(result)
                 .bind(usage_prompt)
                 .bind(usage_completion)
+                .bind(fin.attempt_n)
                 .execute(&mut *tx)
                 .await?
             }
             Transition::Fail { error, partial } => {
                 sqlx::query(concat!("UPDATE jobs SET status = 'failed', finished_at = ?3, status_code = ?4, error = ?5, result = ?6, \
-                     lease_owner = NULL, lease_expires_at = NULL, finished_by = ?2 ", owned!()))
+                     lease_owner = NULL, lease_expires_at = NULL, finished_by = ?2 ", owned!("?7")))
                 .bind(&fin.job_id)
                 .bind(&fin.instance)
                 .bind(fin.finished_at)
                 .bind(i64::from(error.status))
                 .bind(error_json(error))
                 .bind(partial)
+                .bind(fin.attempt_n)
                 .execute(&mut *tx)
                 .await?
             }
@@ -472,12 +486,13 @@ impl QueueStore for SqliteStore {
                 sqlx::query(concat!("UPDATE jobs SET status = 'queued', run_at = ?3, \
                      hop_tries = CASE WHEN hop = ?4 THEN hop_tries ELSE 0 END, hop = ?4, provider = ?5, \
                      hops = hops + CASE WHEN provider <> ?5 THEN 1 ELSE 0 END, \
-                     lease_owner = NULL, lease_expires_at = NULL ", owned!()))
+                     lease_owner = NULL, lease_expires_at = NULL ", owned!("?6")))
                 .bind(&fin.job_id)
                 .bind(&fin.instance)
                 .bind(run_at)
                 .bind(*hop as i64)
                 .bind(provider)
+                .bind(fin.attempt_n)
                 .execute(&mut *tx)
                 .await?
             }
@@ -627,8 +642,9 @@ impl QueueStore for SqliteStore {
     }
 
     async fn heartbeat(&self, instance: &str) -> StoreResult<()> {
-        let now = now_ms();
+        // The clock is read once the writer is ours: a wait for the lock must not age it.
         let mut conn = self.writer.lock().await;
+        let now = now_ms();
         sqlx::query(
             "INSERT INTO instances (id, started_at, heartbeat_at) VALUES (?1, ?2, ?2) \
              ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",

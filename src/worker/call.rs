@@ -27,11 +27,9 @@ pub async fn run(shared: Arc<Shared>, provider: Arc<dyn Provider>, leased: Lease
 async fn attempt(shared: Arc<Shared>, provider: Arc<dyn Provider>, leased: LeasedJob) {
     let LeasedJob { job, attempt_n } = leased;
     let token = shared.abort_calls.child_token();
-    {
-        let mut running = shared.running.lock().unwrap_or_else(|e| e.into_inner());
-        running.insert(job.id.clone(), token.clone());
-    }
-    let renewer = spawn_renewer(&shared, &job.id, token.clone());
+    // Registered for cancels, renewing the lease; both undone when the attempt ends,
+    // even by a panic.
+    let guard = CallGuard::start(&shared, &job.id, attempt_n, token.clone());
     tracing::debug!(job_id = %job.id, provider = %job.provider, attempt = attempt_n, "calling upstream");
 
     let started = Instant::now();
@@ -56,11 +54,6 @@ async fn attempt(shared: Arc<Shared>, provider: Arc<dyn Provider>, leased: Lease
             }
         }
     };
-    renewer.abort();
-    {
-        let mut running = shared.running.lock().unwrap_or_else(|e| e.into_inner());
-        running.remove(&job.id);
-    }
     let latency = started.elapsed();
     shared
         .telemetry
@@ -73,9 +66,46 @@ async fn attempt(shared: Arc<Shared>, provider: Arc<dyn Provider>, leased: Lease
                 .telemetry
                 .attempt(&job.provider, AttemptOutcome::Cancelled.as_str());
         }
+        // The lease stays renewed while the outcome is written.
         Some(v) => settle(&shared, provider.as_ref(), job, attempt_n, v).await,
     }
+    drop(guard);
     shared.signals.slot_freed(&provider.config().name);
+}
+
+/// The life of one attempt on this instance: its entry in `running` (so a cancel can stop
+/// the call) and the task that renews its lease. Dropping the guard ends both.
+struct CallGuard {
+    shared: Arc<Shared>,
+    job_id: String,
+    renewer: tokio::task::JoinHandle<()>,
+}
+
+impl CallGuard {
+    fn start(shared: &Arc<Shared>, job_id: &str, attempt_n: i64, token: CancellationToken) -> Self {
+        {
+            let mut running = shared.running.lock().unwrap_or_else(|e| e.into_inner());
+            running.insert(job_id.to_string(), token.clone());
+        }
+        let renewer = spawn_renewer(shared, job_id, attempt_n, token);
+        Self {
+            shared: shared.clone(),
+            job_id: job_id.to_string(),
+            renewer,
+        }
+    }
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        self.renewer.abort();
+        let mut running = self
+            .shared
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        running.remove(&self.job_id);
+    }
 }
 
 /// How the call ended, before the policy weighs it.
@@ -100,6 +130,7 @@ enum Verdict {
 fn spawn_renewer(
     shared: &Arc<Shared>,
     job_id: &str,
+    attempt_n: i64,
     token: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     let shared = shared.clone();
@@ -113,7 +144,7 @@ fn spawn_renewer(
             tokio::time::sleep(every).await;
             match shared
                 .store
-                .renew_lease(&job_id, &shared.settings.instance_id, lease_ms)
+                .renew_lease(&job_id, &shared.settings.instance_id, attempt_n, lease_ms)
                 .await
             {
                 Ok(true) => {}
@@ -164,6 +195,10 @@ async fn stream_call(
                 cancel_for_disconnect(shared, &job.id).await;
                 return None;
             }
+        };
+        let next = match next {
+            Some(Ok(chunk)) => Some(Assembler::check(&chunk).map(|()| chunk)),
+            other => other,
         };
         match next {
             Some(Ok(chunk)) => {
@@ -318,26 +353,29 @@ async fn settle(
     shared
         .telemetry
         .attempt(&job.provider, decision.outcome.as_str());
-    let mut written = false;
-    for try_n in 0..3 {
+    // The lease is still renewed here, so a database that is briefly away (a Postgres
+    // restart, a busy SQLite writer) costs a retry, not a second upstream call: keep trying
+    // for about one lease length before letting the rescuer take the job back.
+    let give_up = Instant::now() + shared.settings.lease;
+    let mut delay = Duration::from_millis(100);
+    loop {
         match shared.store.finish_attempt(&fin).await {
-            Ok(true) => {
-                written = true;
-                break;
-            }
+            Ok(true) => break,
             Ok(false) => {
                 tracing::info!(job_id = %job.id, "job changed hands while the call ran; its outcome is dropped");
                 return;
             }
+            Err(e) if Instant::now() + delay < give_up => {
+                tracing::error!(job_id = %job.id, error = %e, "could not record the attempt; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
             Err(e) => {
-                tracing::error!(job_id = %job.id, error = %e, try_n, "could not record the attempt");
-                tokio::time::sleep(Duration::from_millis(200 << try_n)).await;
+                // The lease will expire and the rescuer re-queues the job: nothing is lost.
+                tracing::error!(job_id = %job.id, error = %e, "could not record the attempt; the job will be retried");
+                return;
             }
         }
-    }
-    if !written {
-        // The lease will expire and the rescuer re-queues the job: nothing is lost.
-        return;
     }
     apply(&mut job, &fin, &shared.settings.instance_id);
     match &decision.transition {

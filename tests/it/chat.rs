@@ -158,3 +158,36 @@ async fn models_and_healthz() {
     assert_eq!(health["db"], "ok");
     assert_eq!(health["providers"], json!(["up"]));
 }
+
+#[tokio::test]
+async fn a_go_and_look_wake_up_does_not_end_a_waiting_stream() {
+    // One call at a time, the first slow: the stream waits in the queue while every waiter
+    // is told "go and look" (as after a Postgres listener reconnect). It must keep waiting
+    // and then stream its answer, not end with an error.
+    let fake = FakeOpenAi::start().await;
+    fake.set_latency(Duration::from_millis(3500));
+    let app = spawn_app(Options::new(
+        openai_provider("up", &fake.base_url(), "concurrency = 1"),
+        router_yaml(&["up"], ""),
+    ))
+    .await;
+    let first = app
+        .chat_with(user("slow"), &[("x-orch-async", "true")])
+        .await;
+    assert_eq!(first.status(), 202);
+    let shared = app.shared.clone();
+    let nudges = tokio::spawn(async move {
+        for wait in [300, 2500] {
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+            shared.signals.wake_all();
+        }
+    });
+    let mut body = user("streamed");
+    body["stream"] = json!(true);
+    let resp = app.chat(body).await;
+    assert_eq!(resp.status(), 200);
+    let sse = Sse::read(resp).await;
+    nudges.await.unwrap();
+    assert!(sse.ends_with_done(), "{}", sse.text());
+    assert!(sse.text().contains("streamed"), "{}", sse.text());
+}

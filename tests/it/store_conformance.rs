@@ -643,6 +643,12 @@ async fn stale_finish_is_refused(store: Store) {
     assert_eq!(j.status, JobStatus::Running);
     assert_eq!(j.lease_owner.as_deref(), Some("owner"));
     assert!(j.result.is_none());
+    // The same instance finishing an older attempt (its lease was lost, the job leased
+    // again) is refused too.
+    let mut older = finish(&l, "owner", AttemptOutcome::Ok, succeed());
+    older.attempt_n -= 1;
+    assert!(!store.finish_attempt(&older).await.unwrap());
+    assert_eq!(get(&store, "s").await.status, JobStatus::Running);
     // The owner still can.
     assert!(
         store
@@ -666,18 +672,25 @@ async fn renew_lease_only_for_owner(store: Store) {
     req.lease_ms = 1_000;
     let l = store.lease(&req).await.unwrap().jobs.remove(0);
     let before = l.job.lease_expires_at.unwrap();
-    assert!(store.renew_lease("r", "i1", 120_000).await.unwrap());
+    assert!(store.renew_lease("r", "i1", 1, 120_000).await.unwrap());
     let after = get(&store, "r").await.lease_expires_at.unwrap();
     assert!(after >= before + 100_000, "{before} → {after}");
-    assert!(!store.renew_lease("r", "i2", 120_000).await.unwrap());
-    assert!(!store.renew_lease("missing", "i1", 120_000).await.unwrap());
+    assert!(!store.renew_lease("r", "i2", 1, 120_000).await.unwrap());
+    assert!(
+        !store
+            .renew_lease("missing", "i1", 1, 120_000)
+            .await
+            .unwrap()
+    );
+    // Another attempt number is not this lease.
+    assert!(!store.renew_lease("r", "i1", 2, 120_000).await.unwrap());
     assert!(
         store
             .finish_attempt(&finish(&l, "i1", AttemptOutcome::Ok, succeed()))
             .await
             .unwrap()
     );
-    assert!(!store.renew_lease("r", "i1", 120_000).await.unwrap());
+    assert!(!store.renew_lease("r", "i1", 1, 120_000).await.unwrap());
 }
 
 async fn cancel_queued_running_and_finished(store: Store) {
@@ -700,7 +713,7 @@ async fn cancel_queued_running_and_finished(store: Store) {
     assert_eq!(a.outcome, "cancelled");
     assert!(a.finished_at.is_some());
     // The worker notices through its lease, and its late finish changes nothing.
-    assert!(!store.renew_lease("run", "i1", 60_000).await.unwrap());
+    assert!(!store.renew_lease("run", "i1", 1, 60_000).await.unwrap());
     assert!(
         !store
             .finish_attempt(&finish(&l, "i1", AttemptOutcome::Ok, succeed()))

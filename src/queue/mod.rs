@@ -116,6 +116,16 @@ pub trait QueueStore: Send + Sync + 'static {
     /// meanwhile is left alone. Returns how many moved.
     async fn move_queued(&self, moves: &[QueuedMove]) -> StoreResult<u64>;
 
+    /// Fails a job still queued on `from` (every provider of its chain is unavailable past
+    /// its deadline). `false` when it was leased or moved meanwhile.
+    async fn fail_queued(
+        &self,
+        job_id: &str,
+        from: &str,
+        error: &JobError,
+        at: i64,
+    ) -> StoreResult<bool>;
+
     /// Queued jobs per provider.
     async fn queue_depths(&self) -> StoreResult<Vec<(String, i64)>>;
 

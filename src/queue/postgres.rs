@@ -630,6 +630,28 @@ impl QueueStore for PostgresStore {
         Ok(u64::try_from(moved).unwrap_or(0))
     }
 
+    async fn fail_queued(
+        &self,
+        job_id: &str,
+        from: &str,
+        error: &JobError,
+        at: i64,
+    ) -> StoreResult<bool> {
+        let (n,): (i64,) = sqlx::query_as(
+            "WITH u AS (UPDATE jobs SET status = 'failed', finished_at = $1, status_code = $2, error = $3 \
+                 WHERE id = $4 AND status = 'queued' AND provider = $5 RETURNING id) \
+             SELECT count(*) FROM (SELECT pg_notify('orch_job_finished', id) FROM u) n",
+        )
+        .bind(at)
+        .bind(i64::from(error.status))
+        .bind(error_json(error))
+        .bind(job_id)
+        .bind(from)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n == 1)
+    }
+
     async fn queue_depths(&self) -> StoreResult<Vec<(String, i64)>> {
         Ok(sqlx::query_as(
             "SELECT provider, count(*) FROM jobs WHERE status = 'queued' GROUP BY provider",

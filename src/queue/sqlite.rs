@@ -591,6 +591,28 @@ impl QueueStore for SqliteStore {
         Ok(moved)
     }
 
+    async fn fail_queued(
+        &self,
+        job_id: &str,
+        from: &str,
+        error: &JobError,
+        at: i64,
+    ) -> StoreResult<bool> {
+        let mut conn = self.writer.lock().await;
+        let done = sqlx::query(
+            "UPDATE jobs SET status = 'failed', finished_at = ?1, status_code = ?2, error = ?3 \
+             WHERE id = ?4 AND status = 'queued' AND provider = ?5",
+        )
+        .bind(at)
+        .bind(i64::from(error.status))
+        .bind(error_json(error))
+        .bind(job_id)
+        .bind(from)
+        .execute(&mut *conn)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     async fn queue_depths(&self) -> StoreResult<Vec<(String, i64)>> {
         Ok(sqlx::query_as(
             "SELECT provider, COUNT(*) FROM jobs WHERE status = 'queued' GROUP BY provider",

@@ -75,17 +75,17 @@ impl Availability {
         self.until.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// Takes in what the database says. Cool-downs and breaker openings only ever extend,
+    /// so a snapshot read a moment ago must not shorten one this instance has just set.
     pub fn replace(&self, states: &[ProviderState]) {
-        let map = states
-            .iter()
-            .map(|s| {
-                (
-                    s.provider.clone(),
-                    s.cooldown_until.max(s.breaker_open_until),
-                )
-            })
-            .collect();
-        *self.until.write().unwrap_or_else(|e| e.into_inner()) = map;
+        let now = chrono::Utc::now().timestamp_millis();
+        let mut map = self.until.write().unwrap_or_else(|e| e.into_inner());
+        map.retain(|_, until| *until > now);
+        for s in states {
+            let until = s.cooldown_until.max(s.breaker_open_until);
+            let e = map.entry(s.provider.clone()).or_insert(until);
+            *e = (*e).max(until);
+        }
     }
 
     pub fn extend(&self, provider: &str, until: i64) {

@@ -123,21 +123,10 @@ pub fn on_failure(err: &ProviderError, class: &FailureClass, ctx: &Context<'_>) 
             if at <= job.deadline_at {
                 return requeue(job, hop, at, AttemptOutcome::Cooldown, effect);
             }
-            let wait_s = ((at - ctx.now).max(0) + 999) / 1000;
             Decision {
                 outcome: AttemptOutcome::Failed,
                 transition: Transition::Fail {
-                    error: JobError {
-                        status: 429,
-                        kind: "rate_limit".into(),
-                        message: format!(
-                            "every provider of route {} is cooling down past this request's deadline (last: {})",
-                            job.task,
-                            message_of(err)
-                        ),
-                        code: Some("rate_limited".into()),
-                        retry_after: Some(u64::try_from(wait_s).unwrap_or(0)),
-                    },
+                    error: rate_limited_error(&job.task, &message_of(err), at - ctx.now),
                     partial: None,
                 },
                 effect,
@@ -182,6 +171,21 @@ pub fn on_success(
             success: Some(true),
             ..Default::default()
         },
+    }
+}
+
+/// The 429 of a job whose every provider is cooling down past its deadline; `wait_ms`:
+/// until the first of them is back.
+pub fn rate_limited_error(task: &str, last: &str, wait_ms: i64) -> JobError {
+    let wait_s = (wait_ms.max(0) + 999) / 1000;
+    JobError {
+        status: 429,
+        kind: "rate_limit".into(),
+        message: format!(
+            "every provider of route {task} is cooling down past this request's deadline (last: {last})"
+        ),
+        code: Some("rate_limited".into()),
+        retry_after: Some(u64::try_from(wait_s).unwrap_or(0)),
     }
 }
 

@@ -1,12 +1,14 @@
 //! Jobs queued on a provider that cannot take calls (cooling down after a 429, breaker
-//! open) move on to the next provider of their chain that can, instead of waiting for it.
-//! The job that met the 429 hops by the policy; this serves the ones queued behind it.
+//! open) move on to the next provider of their chain that can, instead of waiting for it;
+//! a job whose every provider stays unavailable past its deadline fails with 429 at once.
+//! The job that met the 429 is handled by the policy; this serves the ones queued behind it.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use super::Shared;
-use super::policy::next_available;
-use crate::queue::QueuedMove;
+use super::policy::{earliest, next_available, rate_limited_error};
+use crate::queue::{JobStatus, QueuedMove};
 
 /// How many queued jobs one pass looks at; the pool passes again while the provider stays
 /// unavailable.
@@ -28,18 +30,22 @@ pub async fn reroute(shared: &Shared, provider: &str) {
         }
     };
     let now = chrono::Utc::now().timestamp_millis();
-    let moves: Vec<QueuedMove> = jobs
-        .iter()
-        .filter_map(|job| {
-            let hop = next_available(job, &unavailable, now)?;
-            Some(QueuedMove {
+    let mut moves = Vec::new();
+    for job in jobs {
+        if let Some(hop) = next_available(&job, &unavailable, now) {
+            moves.push(QueuedMove {
                 job_id: job.id.clone(),
                 from: provider.to_string(),
                 hop,
                 to: job.chain[hop].clone(),
-            })
-        })
-        .collect();
+            });
+            continue;
+        }
+        let (_, at) = earliest(&job, &unavailable, now);
+        if at > job.deadline_at {
+            fail_past_deadline(shared, provider, job, at, now).await;
+        }
+    }
     if moves.is_empty() {
         return;
     }
@@ -53,5 +59,35 @@ pub async fn reroute(shared: &Shared, provider: &str) {
             }
         }
         Err(e) => tracing::warn!(provider, error = %e, "cannot move queued jobs on"),
+    }
+}
+
+/// Every provider of the job's chain stays unavailable past its deadline: answer 429 now.
+async fn fail_past_deadline(
+    shared: &Shared,
+    provider: &str,
+    mut job: crate::queue::Job,
+    at: i64,
+    now: i64,
+) {
+    let error = rate_limited_error(&job.task, "the provider is cooling down", at - now);
+    match shared
+        .store
+        .fail_queued(&job.id, provider, &error, now)
+        .await
+    {
+        Ok(true) => {
+            tracing::info!(job_id = %job.id, provider, "every provider is unavailable past the deadline: 429");
+            job.status = JobStatus::Failed;
+            job.finished_at = Some(now);
+            job.status_code = Some(i64::from(error.status));
+            job.error = Some(error);
+            shared.telemetry.job_finished(&job, None);
+            shared.job_ended(&job);
+            let id = job.id.clone();
+            shared.signals.job_finished(&id, Some(Arc::new(job)));
+        }
+        Ok(false) => {}
+        Err(e) => tracing::warn!(job_id = %job.id, error = %e, "cannot fail the job"),
     }
 }

@@ -370,3 +370,38 @@ async fn jobs_queued_behind_a_429_move_to_the_next_provider_at_once() {
     assert_eq!(last["fallback_attempts"], 1);
     assert_eq!(outcomes(&last), ["ok"]);
 }
+
+#[tokio::test]
+async fn jobs_queued_behind_a_429_with_nowhere_to_go_get_429_not_504() {
+    let fake = FakeOpenAi::start().await;
+    fake.set_latency(Duration::from_millis(800));
+    fake.script([Reply::Ok, Reply::rate_limited("120")]);
+    let app = spawn_app(
+        Options::new(
+            openai_provider("solo", &fake.base_url(), "concurrency = 1"),
+            router_yaml(&["solo"], ""),
+        )
+        .env("ORCH_REQUEST_TIMEOUT_SECONDS", "20"),
+    )
+    .await;
+    let first = app
+        .chat_with(user("first"), &[("x-orch-async", "true")])
+        .await;
+    assert_eq!(first.status(), 202);
+    let started = Instant::now();
+    // Both wait behind the first; the first of them meets the 429, the other was queued.
+    let (a, b) = tokio::join!(
+        app.chat(user("meets the 429")),
+        app.chat(user("queued behind"))
+    );
+    assert_eq!((a.status().as_u16(), b.status().as_u16()), (429, 429));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    let body: Value = b.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "rate_limit");
+    assert!(body["error"]["retry_after"].as_u64().unwrap() > 100);
+    assert_eq!(fake.call_count(), 2);
+}

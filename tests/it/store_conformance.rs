@@ -78,6 +78,7 @@ conformance!(
     rescue_fails_orphaned_streams,
     release_gives_back_hop_tries,
     queued_jobs_move_to_another_hop,
+    queued_jobs_fail_in_place,
     depths_and_running_counts,
     finished_jobs_paging,
     metrics_bookkeeping,
@@ -875,6 +876,33 @@ async fn queued_jobs_move_to_another_hop(store: Store) {
     assert_eq!(
         lease_ids(&store, &lease_req("b", "i1", 5, budget(100, 10, None))).await,
         vec!["q1"]
+    );
+}
+
+async fn queued_jobs_fail_in_place(store: Store) {
+    let now = store.now_ms().await.unwrap();
+    insert(&store, job("f", &["a"], now - 10)).await;
+    let err = JobError {
+        status: 429,
+        kind: "rate_limit".into(),
+        message: "cooling".into(),
+        code: None,
+        retry_after: Some(90),
+    };
+    assert!(
+        !store.fail_queued("f", "b", &err, now).await.unwrap(),
+        "not queued on b"
+    );
+    assert!(store.fail_queued("f", "a", &err, now).await.unwrap());
+    let j = get(&store, "f").await;
+    assert_eq!(
+        (j.status, j.status_code, j.finished_at),
+        (JobStatus::Failed, Some(429), Some(now))
+    );
+    assert_eq!(j.error.unwrap().retry_after, Some(90));
+    assert!(
+        !store.fail_queued("f", "a", &err, now).await.unwrap(),
+        "only once"
     );
 }
 

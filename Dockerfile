@@ -7,9 +7,13 @@ FROM rust:1.95-bookworm AS builder
 RUN apt-get update && apt-get install -y --no-install-recommends cmake && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # Dependencies first, so that a source change does not rebuild them.
+# The workspace names the benchmark crate, so its manifest must be there too (a stub
+# main is enough: only the gateway is built).
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir src && echo 'fn main() {}' > src/main.rs && echo '' > src/lib.rs \
-    && cargo build --release --locked \
+COPY bench/Cargo.toml bench/Cargo.toml
+RUN mkdir -p src bench/src && echo 'fn main() {}' > src/main.rs && echo '' > src/lib.rs \
+    && echo 'fn main() {}' > bench/src/main.rs \
+    && cargo build --release --locked --bin llm-orch \
     && rm -rf src
 COPY src ./src
 # sqlx::migrate! embeds the migrations at compile time.

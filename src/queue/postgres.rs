@@ -490,7 +490,7 @@ impl QueueStore for PostgresStore {
                     " RETURNING id, provider) \
                      SELECT count(*) FROM (SELECT ",
                     $notify,
-                    ", pg_notify('orch_provider', $3) FROM u) n"
+                    ", pg_notify('orch_provider', 'slot:' || $3) FROM u) n"
                 )
             };
         }
@@ -562,7 +562,7 @@ impl QueueStore for PostgresStore {
              a AS (UPDATE attempts SET outcome = 'cancelled', finished_at = (SELECT finished_at FROM u) \
              WHERE job_id IN (SELECT id FROM u) AND outcome = 'running') \
              SELECT count(*) FROM (SELECT pg_notify('orch_job_finished', id), \
-             pg_notify('orch_provider', provider) FROM u) n"
+             pg_notify('orch_provider', 'slot:' || provider) FROM u) n"
         ))
         .bind(error_json(&cancelled_error()))
         .bind(id)

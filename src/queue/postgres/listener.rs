@@ -71,9 +71,14 @@ async fn connect(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
     Ok(listener)
 }
 
+/// `orch_provider` carries `P` (work queued for provider P: wake its pool) or `slot:P` (a
+/// call of P ended: wake its pool only if it waits for a slot, as for local calls).
 fn dispatch(signals: &Signals, channel: &str, payload: &str) {
     match channel {
-        CHANNEL_PROVIDER => signals.wake_pool(payload),
+        CHANNEL_PROVIDER => match payload.strip_prefix("slot:") {
+            Some(provider) => signals.slot_freed(provider),
+            None => signals.wake_pool(payload),
+        },
         CHANNEL_FINISHED => signals.job_finished(payload, None),
         _ => {}
     }

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::row::{
     AttemptRow, InstanceRow, JobRow, ProviderStateRow, cancelled_error, chain_json, error_json,
-    interrupted_attempt_error, orphaned_stream_error, take_within_tpm,
+    interrupted_attempt_error, mark_leased, orphaned_stream_error,
 };
 use super::*;
 use crate::{attempt_columns, job_columns};
@@ -384,7 +384,7 @@ impl QueueStore for PostgresStore {
                 ..Lease::default()
             });
         }
-        let taken = take_within_tpm(rows, req, tokens, now)?;
+        let taken = mark_leased(rows, req, now)?;
         let ids: Vec<&str> = taken.iter().map(|(l, _)| l.job.id.as_str()).collect();
         let estimates: Vec<i64> = taken.iter().map(|(_, e)| *e).collect();
         // Mark running and open their attempts in one statement, whatever the count.

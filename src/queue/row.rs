@@ -204,40 +204,39 @@ impl Lease {
     }
 }
 
-/// Takes the candidate rows in order while the tpm budget lasts and marks them leased
-/// (as the lease will write them). Returns each job with its token estimate.
-pub fn take_within_tpm(
+/// The tokens a lease books for a job before its real usage is known: only providers
+/// with a tpm budget count them.
+pub fn lease_estimate(req: &LeaseRequest, job: &Job) -> i64 {
+    if req.budget.tpm.is_some() {
+        estimate_tokens(&job.request)
+    } else {
+        0
+    }
+}
+
+/// The picked rows as the lease is about to write them (running, owned, one attempt more),
+/// each with its token estimate. How many may be taken (tpm included) was decided by
+/// `budget::admit` before the pick.
+pub fn mark_leased(
     rows: Vec<JobRow>,
     req: &LeaseRequest,
-    used_tokens: i64,
     now: i64,
 ) -> StoreResult<Vec<(LeasedJob, i64)>> {
     let lease_until = now + req.lease_ms;
-    let mut tokens_used = used_tokens;
-    let mut taken = Vec::with_capacity(rows.len());
-    for row in rows {
-        let mut job = Job::try_from(row)?;
-        let estimate = match req.budget.tpm {
-            Some(_) => estimate_tokens(&job.request),
-            None => 0,
-        };
-        if let Some(tpm) = req.budget.tpm {
-            // Always let the first call of an empty window through, however large.
-            if !taken.is_empty() && tokens_used + estimate > i64::from(tpm) {
-                break;
-            }
-        }
-        tokens_used += estimate;
-        job.status = JobStatus::Running;
-        job.lease_owner = Some(req.instance.clone());
-        job.lease_expires_at = Some(lease_until);
-        job.started_at = job.started_at.or(Some(now));
-        job.attempt_count += 1;
-        job.hop_tries += 1;
-        let attempt_n = job.attempt_count;
-        taken.push((LeasedJob { job, attempt_n }, estimate));
-    }
-    Ok(taken)
+    rows.into_iter()
+        .map(|row| {
+            let mut job = Job::try_from(row)?;
+            let estimate = lease_estimate(req, &job);
+            job.status = JobStatus::Running;
+            job.lease_owner = Some(req.instance.clone());
+            job.lease_expires_at = Some(lease_until);
+            job.started_at = job.started_at.or(Some(now));
+            job.attempt_count += 1;
+            job.hop_tries += 1;
+            let attempt_n = job.attempt_count;
+            Ok((LeasedJob { job, attempt_n }, estimate))
+        })
+        .collect()
 }
 
 impl RescueScope<'_> {

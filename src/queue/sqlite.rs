@@ -20,7 +20,7 @@ use tokio::sync::Mutex;
 
 use super::row::{
     AttemptRow, InstanceRow, JobRow, ProviderStateRow, cancelled_error, chain_json, error_json,
-    estimate_tokens, interrupted_attempt_error, orphaned_stream_error,
+    interrupted_attempt_error, lease_estimate, orphaned_stream_error,
 };
 use super::*;
 use crate::config::SqliteSync;
@@ -354,11 +354,7 @@ impl QueueStore for SqliteStore {
         let mut estimated = 0;
         for row in rows {
             let job = Job::try_from(row)?;
-            let estimate = if req.budget.tpm.is_some() {
-                estimate_tokens(&job.request)
-            } else {
-                0
-            };
+            let estimate = lease_estimate(req, &job);
             estimated += estimate;
             sqlx::query(
                 "INSERT INTO attempts (job_id, n, provider, model, instance, started_at, outcome, tokens) \

@@ -139,10 +139,8 @@ pub async fn create(
     Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     body: Body,
-) -> Response {
-    create_batch(&app, &caller, &headers, body)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+) -> Result<Response, ApiError> {
+    create_batch(&app, &caller, &headers, body).await
 }
 
 async fn create_batch(
@@ -273,70 +271,61 @@ pub async fn get(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-) -> Response {
-    let result = async {
-        let store = store(&app)?;
-        let batch = owned_batch(store, &caller, &id).await?;
-        Ok::<_, ApiError>(Json(render(store, &batch).await?).into_response())
-    };
-    result.await.unwrap_or_else(IntoResponse::into_response)
+) -> Result<Response, ApiError> {
+    let store = store(&app)?;
+    let batch = owned_batch(store, &caller, &id).await?;
+    Ok(Json(render(store, &batch).await?).into_response())
 }
 
 pub async fn list(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
     Query(q): Query<ListQuery>,
-) -> Response {
-    let result = async {
-        let store = store(&app)?;
-        let limit = page_limit(q.limit, 20, 100)?;
-        // One row more than asked tells whether another page follows.
-        let rows = store
-            .list_batches(caller.0.as_deref(), q.after.as_deref(), limit + 1)
-            .await?;
-        let has_more = rows.len() as i64 > limit;
-        let mut data = Vec::with_capacity(rows.len());
-        for b in rows.iter().take(limit as usize) {
-            data.push(render(store, b).await?);
-        }
-        Ok::<_, ApiError>(Json(list_page(data, has_more)).into_response())
-    };
-    result.await.unwrap_or_else(IntoResponse::into_response)
+) -> Result<Response, ApiError> {
+    let store = store(&app)?;
+    let limit = page_limit(q.limit, 20, 100)?;
+    // One row more than asked tells whether another page follows.
+    let rows = store
+        .list_batches(caller.0.as_deref(), q.after.as_deref(), limit + 1)
+        .await?;
+    let has_more = rows.len() as i64 > limit;
+    let mut data = Vec::with_capacity(rows.len());
+    for b in rows.iter().take(limit as usize) {
+        data.push(render(store, b).await?);
+    }
+    Ok(Json(list_page(data, has_more)).into_response())
 }
 
 pub async fn cancel(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-) -> Response {
-    let result = async {
-        let shared = &app.shared;
-        let store = store(&app)?;
-        let batch = owned_batch(store, &caller, &id).await?;
-        match batch.status {
-            BatchStatus::Cancelling | BatchStatus::Cancelled => {}
-            BatchStatus::Validating | BatchStatus::InProgress => {
-                let now = chrono::Utc::now().timestamp_millis();
-                let from = [BatchStatus::Validating, BatchStatus::InProgress];
-                if store
-                    .transition(&id, &from, BatchStatus::Cancelling, now)
-                    .await?
-                {
-                    // Queued lines stop now; running ones finish and land in the output.
-                    cancel_jobs(shared, store, &id, CODE_CANCELLED, false).await?;
-                    shared.batch_nudge.notify_one();
-                    tracing::info!(batch_id = %id, "batch cancelling");
-                }
-            }
-            other => {
-                return Err(ApiError::invalid(
-                    format!("cannot cancel batch {id}: it is already {}", other.as_str()),
-                    Some("batch_id"),
-                ));
+) -> Result<Response, ApiError> {
+    let shared = &app.shared;
+    let store = store(&app)?;
+    let batch = owned_batch(store, &caller, &id).await?;
+    match batch.status {
+        BatchStatus::Cancelling | BatchStatus::Cancelled => {}
+        BatchStatus::Validating | BatchStatus::InProgress => {
+            let now = chrono::Utc::now().timestamp_millis();
+            let from = [BatchStatus::Validating, BatchStatus::InProgress];
+            if store
+                .transition(&id, &from, BatchStatus::Cancelling, now)
+                .await?
+            {
+                // Queued lines stop now; running ones finish and land in the output.
+                cancel_jobs(shared, store, &id, CODE_CANCELLED, false).await?;
+                shared.batch_nudge.notify_one();
+                tracing::info!(batch_id = %id, "batch cancelling");
             }
         }
-        let batch = owned_batch(store, &caller, &id).await?;
-        Ok::<_, ApiError>(Json(render(store, &batch).await?).into_response())
-    };
-    result.await.unwrap_or_else(IntoResponse::into_response)
+        other => {
+            return Err(ApiError::invalid(
+                format!("cannot cancel batch {id}: it is already {}", other.as_str()),
+                Some("batch_id"),
+            ));
+        }
+    }
+    let batch = owned_batch(store, &caller, &id).await?;
+    Ok(Json(render(store, &batch).await?).into_response())
 }

@@ -67,11 +67,8 @@ pub async fn chat_completions(
     Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     body: Body,
-) -> Response {
-    match accept(&app, &caller, &headers, body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
+) -> Result<Response, ApiError> {
+    accept(&app, &caller, &headers, body).await
 }
 
 async fn accept(

@@ -101,34 +101,31 @@ pub async fn upload(
     Extension(caller): Extension<Caller>,
     headers: axum::http::HeaderMap,
     multipart: Result<Multipart, MultipartRejection>,
-) -> Response {
-    let result = async {
-        let store = store(&app)?;
-        check_declared_length(&headers, MAX_FILE_BYTES)?;
-        let multipart = multipart.map_err(|e| {
-            ApiError::invalid(
-                format!("expected a multipart/form-data body with `file` and `purpose`: {e}"),
-                None,
-            )
-        })?;
-        let (purpose, filename, content) = read_form(multipart).await?;
-        check_jsonl(&content)?;
-        let file = NewFile {
-            meta: StoredFile {
-                id: new_file_id(),
-                caller: caller.0.clone(),
-                filename,
-                purpose,
-                bytes: i64::try_from(content.len()).unwrap_or(i64::MAX),
-                created_at: chrono::Utc::now().timestamp_millis(),
-            },
-            content: content.to_vec(),
-        };
-        store.insert_file(&file).await?;
-        tracing::info!(file_id = %file.meta.id, bytes = file.meta.bytes, "file uploaded");
-        Ok::<_, ApiError>(Json(file_object(&file.meta)).into_response())
+) -> Result<Response, ApiError> {
+    let store = store(&app)?;
+    check_declared_length(&headers, MAX_FILE_BYTES)?;
+    let multipart = multipart.map_err(|e| {
+        ApiError::invalid(
+            format!("expected a multipart/form-data body with `file` and `purpose`: {e}"),
+            None,
+        )
+    })?;
+    let (purpose, filename, content) = read_form(multipart).await?;
+    check_jsonl(&content)?;
+    let file = NewFile {
+        meta: StoredFile {
+            id: new_file_id(),
+            caller: caller.0.clone(),
+            filename,
+            purpose,
+            bytes: i64::try_from(content.len()).unwrap_or(i64::MAX),
+            created_at: chrono::Utc::now().timestamp_millis(),
+        },
+        content: content.to_vec(),
     };
-    result.await.unwrap_or_else(IntoResponse::into_response)
+    store.insert_file(&file).await?;
+    tracing::info!(file_id = %file.meta.id, bytes = file.meta.bytes, "file uploaded");
+    Ok(Json(file_object(&file.meta)).into_response())
 }
 
 /// The `purpose`, file name and content of the form; every missing piece is named.
@@ -218,80 +215,66 @@ pub async fn list(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
     Query(q): Query<ListQuery>,
-) -> Response {
-    let result = async {
-        let store = store(&app)?;
-        let limit = page_limit(q.limit, 10_000, 10_000)?;
-        // One row more than asked tells whether another page follows.
-        let mut rows = store
-            .list_files(
-                caller.0.as_deref(),
-                q.purpose.as_deref(),
-                q.after.as_deref(),
-                limit + 1,
-            )
-            .await?;
-        let has_more = rows.len() as i64 > limit;
-        rows.truncate(limit as usize);
-        let page = list_page(rows.iter().map(file_object).collect(), has_more);
-        Ok::<_, ApiError>(Json(page).into_response())
-    };
-    result.await.unwrap_or_else(IntoResponse::into_response)
+) -> Result<Response, ApiError> {
+    let store = store(&app)?;
+    let limit = page_limit(q.limit, 10_000, 10_000)?;
+    // One row more than asked tells whether another page follows.
+    let mut rows = store
+        .list_files(
+            caller.0.as_deref(),
+            q.purpose.as_deref(),
+            q.after.as_deref(),
+            limit + 1,
+        )
+        .await?;
+    let has_more = rows.len() as i64 > limit;
+    rows.truncate(limit as usize);
+    let page = list_page(rows.iter().map(file_object).collect(), has_more);
+    Ok(Json(page).into_response())
 }
 
 pub async fn get(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-) -> Response {
-    let result = async {
-        let file = owned_file(store(&app)?, &caller, &id).await?;
-        Ok::<_, ApiError>(Json(file_object(&file)).into_response())
-    };
-    result.await.unwrap_or_else(IntoResponse::into_response)
+) -> Result<Response, ApiError> {
+    let file = owned_file(store(&app)?, &caller, &id).await?;
+    Ok(Json(file_object(&file)).into_response())
 }
 
 pub async fn content(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-) -> Response {
-    let result = async {
-        let store = store(&app)?;
-        let file = owned_file(store, &caller, &id).await?;
-        let bytes = store
-            .file_content(&id)
-            .await?
-            .ok_or_else(|| ApiError::not_found(format!("No such File object: {id}")))?;
-        let mut resp = (StatusCode::OK, bytes).into_response();
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/octet-stream"),
-        );
-        if let Ok(v) = HeaderValue::from_str(&format!(
-            "attachment; filename=\"{}\"",
-            file.filename.replace('"', "")
-        )) {
-            resp.headers_mut().insert(header::CONTENT_DISPOSITION, v);
-        }
-        Ok::<_, ApiError>(resp)
-    };
-    result.await.unwrap_or_else(IntoResponse::into_response)
+) -> Result<Response, ApiError> {
+    let store = store(&app)?;
+    let file = owned_file(store, &caller, &id).await?;
+    let bytes = store
+        .file_content(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("No such File object: {id}")))?;
+    let mut resp = (StatusCode::OK, bytes).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "attachment; filename=\"{}\"",
+        file.filename.replace('"', "")
+    )) {
+        resp.headers_mut().insert(header::CONTENT_DISPOSITION, v);
+    }
+    Ok(resp)
 }
 
 pub async fn delete(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-) -> Response {
-    let result = async {
-        let store = store(&app)?;
-        owned_file(store, &caller, &id).await?;
-        // A batch keeps its lines as jobs once created, so its input file may go.
-        let deleted = store.delete_file(&id).await?;
-        Ok::<_, ApiError>(
-            Json(json!({"id": id, "object": "file", "deleted": deleted})).into_response(),
-        )
-    };
-    result.await.unwrap_or_else(IntoResponse::into_response)
+) -> Result<Response, ApiError> {
+    let store = store(&app)?;
+    owned_file(store, &caller, &id).await?;
+    // A batch keeps its lines as jobs once created, so its input file may go.
+    let deleted = store.delete_file(&id).await?;
+    Ok(Json(json!({"id": id, "object": "file", "deleted": deleted})).into_response())
 }

@@ -23,57 +23,47 @@ pub async fn get_job(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-) -> Response {
-    let result = async {
-        let job = owned_job(&app, &caller, &id).await?;
-        let attempts = app.shared.store.get_attempts(&id).await?;
-        Ok::<_, ApiError>(
-            (
-                render::job_headers(&job),
-                Json(render::job_object(&job, &attempts)),
-            )
-                .into_response(),
-        )
-    };
-    result.await.unwrap_or_else(IntoResponse::into_response)
+) -> Result<Response, ApiError> {
+    let job = owned_job(&app, &caller, &id).await?;
+    let attempts = app.shared.store.get_attempts(&id).await?;
+    Ok((
+        render::job_headers(&job),
+        Json(render::job_object(&job, &attempts)),
+    )
+        .into_response())
 }
 
 pub async fn cancel_job(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-) -> Response {
-    let result = async {
-        let before = owned_job(&app, &caller, &id).await?;
-        let shared = &app.shared;
-        let job = if before.status.is_terminal() {
-            before
-        } else {
-            let job = shared
-                .store
-                .cancel_job(&id)
-                .await?
-                .ok_or_else(|| ApiError::not_found(format!("no job with id {id}")))?;
-            if job.status == JobStatus::Cancelled {
-                // Stop the call at once if it runs here; elsewhere the lease renewal notices.
-                shared.abort_call(&id);
-                shared.telemetry.job_finished(&job, None);
-                shared.job_ended(&job);
-                shared
-                    .signals
-                    .job_finished(&id, Some(Arc::new(job.clone())));
-                tracing::info!(job_id = %id, "job cancelled");
-            }
-            job
-        };
-        let attempts = shared.store.get_attempts(&id).await?;
-        Ok::<_, ApiError>(
-            (
-                render::job_headers(&job),
-                Json(render::job_object(&job, &attempts)),
-            )
-                .into_response(),
-        )
+) -> Result<Response, ApiError> {
+    let before = owned_job(&app, &caller, &id).await?;
+    let shared = &app.shared;
+    let job = if before.status.is_terminal() {
+        before
+    } else {
+        let job = shared
+            .store
+            .cancel_job(&id)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("no job with id {id}")))?;
+        if job.status == JobStatus::Cancelled {
+            // Stop the call at once if it runs here; elsewhere the lease renewal notices.
+            shared.abort_call(&id);
+            shared.telemetry.job_finished(&job, None);
+            shared.job_ended(&job);
+            shared
+                .signals
+                .job_finished(&id, Some(Arc::new(job.clone())));
+            tracing::info!(job_id = %id, "job cancelled");
+        }
+        job
     };
-    result.await.unwrap_or_else(IntoResponse::into_response)
+    let attempts = shared.store.get_attempts(&id).await?;
+    Ok((
+        render::job_headers(&job),
+        Json(render::job_object(&job, &attempts)),
+    )
+        .into_response())
 }

@@ -121,11 +121,6 @@ impl Assembler {
         }
     }
 
-    /// The text streamed so far (first choice), for a partial record after a failure.
-    pub fn partial_text(&self) -> &str {
-        self.choices.first().map_or("", |c| c.content.as_str())
-    }
-
     pub fn usage(&self) -> Usage {
         Usage::from_openai(self.usage.as_ref())
     }
@@ -234,6 +229,6 @@ mod tests {
                 completion: Some(2)
             }
         );
-        assert_eq!(a.partial_text(), "Hello");
+        assert_eq!(a.finish()["choices"][0]["message"]["content"], "Hello");
     }
 }

@@ -102,14 +102,6 @@ impl Signals {
         }
     }
 
-    /// Is anyone on this instance waiting for this job?
-    pub fn has_waiter(&self, id: &str) -> bool {
-        let waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
-        waiters
-            .get(id)
-            .is_some_and(|v| v.iter().any(|tx| !tx.is_closed()))
-    }
-
     fn forget_closed(&self, id: &str) {
         let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(v) = waiters.get_mut(id) {

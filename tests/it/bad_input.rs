@@ -141,45 +141,18 @@ async fn an_unknown_task_kind_goes_to_default() {
         .chat_with(user("where to"), &[("x-orch-task-kind", "NO_SUCH_ROUTE")])
         .await;
     assert_eq!(resp.status(), 200);
-    let id = resp.headers()["x-orch-request-id"]
-        .to_str()
-        .unwrap()
-        .to_string();
-    let job: Value = app
-        .get(&format!("/v1/jobs/{id}"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let job = app.job_of(&resp).await;
     assert_eq!(job["task"], "DEFAULT");
     // A known one is honoured, by header or by model.
     let resp = app
         .chat_with(user("plan"), &[("x-orch-task-kind", "PLAN")])
         .await;
-    let id = resp.headers()["x-orch-request-id"]
-        .to_str()
-        .unwrap()
-        .to_string();
-    let job: Value = app
-        .get(&format!("/v1/jobs/{id}"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let job = app.job_of(&resp).await;
     assert_eq!(job["task"], "PLAN");
     let resp = app
         .chat(json!({"model": "PLAN", "messages": [{"role": "user", "content": "m"}]}))
         .await;
-    let id = resp.headers()["x-orch-request-id"]
-        .to_str()
-        .unwrap()
-        .to_string();
-    let job: Value = app
-        .get(&format!("/v1/jobs/{id}"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let job = app.job_of(&resp).await;
     assert_eq!(job["task"], "PLAN");
     assert_eq!(fake.call_count(), 3);
 }

@@ -55,12 +55,7 @@ async fn rpm_limits_call_starts_in_the_window() {
     );
     let mut statuses = vec![];
     for id in &ids {
-        let j: Value = app
-            .get(&format!("/v1/jobs/{id}"))
-            .await
-            .json()
-            .await
-            .unwrap();
+        let j = app.job(id).await;
         statuses.push(j["status"].as_str().unwrap().to_string());
     }
     assert_eq!(

@@ -21,10 +21,7 @@ async fn answers_like_openai_with_job_headers() {
     let (fake, app) = one_fake().await;
     let resp = app.chat(json!({"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"50256": -100}, "x_custom": 1})).await;
     assert_eq!(resp.status(), 200);
-    let id = resp.headers()["x-orch-request-id"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let id = req_id(&resp);
     assert_eq!(resp.headers()["x-orch-provider"], "up");
     assert_eq!(resp.headers()["x-orch-fallback-attempts"], "0");
     let body: Value = resp.json().await.unwrap();
@@ -38,12 +35,7 @@ async fn answers_like_openai_with_job_headers() {
     assert_eq!(call.body["logit_bias"]["50256"], -100);
     assert_eq!(call.body["x_custom"], 1);
     // The job record holds the attempt.
-    let job: Value = app
-        .get(&format!("/v1/jobs/{id}"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let job = app.job(&id).await;
     assert_eq!(job["status"], "succeeded");
     assert_eq!(job["object"], "orch.job");
     assert_eq!(job["attempts"].as_array().unwrap().len(), 1);
@@ -79,10 +71,7 @@ async fn idempotency_key_returns_the_same_job_without_a_second_call() {
     let (fake, app) = one_fake().await;
     let h = [("idempotency-key", "abc-1")];
     let a = app.chat_with(user("once"), &h).await;
-    let id_a = a.headers()["x-orch-request-id"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let id_a = req_id(&a);
     let a: Value = a.json().await.unwrap();
     let b = app.chat_with(user("once"), &h).await;
     assert_eq!(b.status(), 200);
@@ -128,12 +117,7 @@ async fn cancel_a_queued_job() {
         .await
         .unwrap();
     assert_eq!(cancelled["status"], "cancelled");
-    let job: Value = app
-        .get(&format!("/v1/jobs/{id}"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let job = app.job(&id).await;
     assert_eq!(job["status"], "cancelled");
     assert_eq!(fake.call_count(), 1);
     assert_eq!(app.get("/v1/jobs/job_nope").await.status(), 404);

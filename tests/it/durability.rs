@@ -68,10 +68,7 @@ async fn kill_9_loses_no_job_and_never_repeats_a_finished_one() {
         .await
         .unwrap();
     assert_eq!(done.status(), 200);
-    let done_id = done.headers()["x-orch-request-id"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let done_id = req_id(&done);
 
     // Then: two running (slow upstream, concurrency 2) and four queued behind them.
     fake.set_latency(Duration::from_secs(3));
@@ -227,12 +224,7 @@ async fn queued_jobs_and_the_rpm_window_survive_a_restart() {
         .to_string();
     let (dir, env) = app.stop().await;
     let app = start_in(dir, env).await;
-    let j: Value = app
-        .get(&format!("/v1/jobs/{id}"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let j = app.job(&id).await;
     assert_eq!(j["status"], "queued", "the job survived the restart");
 }
 
@@ -253,16 +245,7 @@ async fn a_call_longer_than_the_lease_keeps_its_lease_and_runs_once() {
         1,
         "the job was not rescued while its call was alive"
     );
-    let id = resp.headers()["x-orch-request-id"]
-        .to_str()
-        .unwrap()
-        .to_string();
-    let j: Value = app
-        .get(&format!("/v1/jobs/{id}"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let j = app.job_of(&resp).await;
     assert_eq!(j["attempts"].as_array().unwrap().len(), 1);
 }
 
@@ -280,10 +263,7 @@ async fn metrics_export_reads_the_sqlite_file_while_the_gateway_serves() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    let id = resp.headers()["x-orch-request-id"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let id = req_id(&resp);
     let out = dir.path().join("export");
     let result = std::process::Command::new(env!("CARGO_BIN_EXE_llm-orch"))
         .args(["metrics", "export", "--out"])

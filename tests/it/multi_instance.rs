@@ -241,10 +241,7 @@ async fn news_crosses_instances() {
         .unwrap();
     let answered = Instant::now();
     assert_eq!(resp.status(), 200);
-    let job_id = resp.headers()["x-orch-request-id"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let job_id = req_id(&resp);
     let job = c.job(0, &job_id).await;
     assert_eq!(job["attempts"][0]["instance"], "node-1");
     let upstream_done = fake.calls()[2].at + latency;

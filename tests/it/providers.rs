@@ -284,10 +284,7 @@ async fn anthropic_overloaded_is_retried() {
     let resp = app.chat(user("again")).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(fake.call_count(), 2);
-    let id = resp.headers()["x-orch-request-id"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let id = req_id(&resp);
     let job = app.wait_job(&id, Duration::from_secs(5)).await;
     assert_eq!(job["attempts"][0]["status_code"], 529);
     assert_eq!(job["attempts"][0]["outcome"], "retry");

@@ -23,15 +23,6 @@ async fn two(
     (a, b, spawn_app(opts).await)
 }
 
-async fn job_of(app: &TestApp, resp: &reqwest::Response) -> Value {
-    let id = resp.headers()["x-orch-request-id"].to_str().unwrap();
-    app.get(&format!("/v1/jobs/{id}"))
-        .await
-        .json()
-        .await
-        .unwrap()
-}
-
 fn outcomes(job: &Value) -> Vec<String> {
     job["attempts"]
         .as_array()
@@ -49,7 +40,7 @@ async fn server_errors_are_retried_on_the_same_provider() {
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-orch-provider"], "a");
     assert_eq!(resp.headers()["x-orch-fallback-attempts"], "0");
-    let job = job_of(&app, &resp).await;
+    let job = app.job_of(&resp).await;
     assert_eq!(outcomes(&job), ["retry", "retry", "ok"]);
     assert_eq!(job["attempts"][0]["status_code"], 500);
     assert_eq!((a.call_count(), b.call_count()), (3, 0));
@@ -66,7 +57,7 @@ async fn exhausted_retries_hop_to_the_next_provider() {
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-orch-provider"], "b");
     assert_eq!(resp.headers()["x-orch-fallback-attempts"], "1");
-    let job = job_of(&app, &resp).await;
+    let job = app.job_of(&resp).await;
     assert_eq!(outcomes(&job), ["retry", "hop", "ok"]);
     assert_eq!(job["attempts"][2]["provider"], "b");
     assert_eq!(job["attempts"][2]["model"], "m-b");
@@ -87,10 +78,7 @@ async fn every_provider_failing_gives_502_with_the_last_error() {
     ]);
     let resp = app.chat(user("doomed")).await;
     assert_eq!(resp.status(), 502);
-    let id = resp.headers()["x-orch-request-id"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let id = req_id(&resp);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["type"], "provider_server_error");
     assert!(
@@ -100,12 +88,7 @@ async fn every_provider_failing_gives_502_with_the_last_error() {
             .contains("b is melting"),
         "{body}"
     );
-    let job: Value = app
-        .get(&format!("/v1/jobs/{id}"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let job = app.job(&id).await;
     assert_eq!(job["status"], "failed");
     assert_eq!(outcomes(&job), ["hop", "retry", "failed"]);
 }
@@ -178,7 +161,7 @@ async fn rate_limit_with_retry_after_seconds_is_waited_out_on_the_last_provider(
         "{:?}",
         started.elapsed()
     );
-    let job = job_of(&app, &resp).await;
+    let job = app.job_of(&resp).await;
     assert_eq!(outcomes(&job), ["cooldown", "ok"]);
     assert_eq!(job["attempts"][0]["status_code"], 429);
     let calls = fake.calls();
@@ -270,7 +253,7 @@ async fn garbage_bodies_are_retried() {
     ]);
     let resp = app.chat(user("x")).await;
     assert_eq!(resp.status(), 200);
-    let job = job_of(&app, &resp).await;
+    let job = app.job_of(&resp).await;
     assert_eq!(outcomes(&job), ["retry", "retry", "ok"]);
     assert!(
         job["attempts"][0]["error"]
@@ -288,7 +271,7 @@ async fn a_hanging_upstream_times_out_and_is_retried() {
     let resp = app.chat(user("hang")).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-orch-provider"], "b");
-    let job = job_of(&app, &resp).await;
+    let job = app.job_of(&resp).await;
     assert!(
         job["attempts"][0]["error"]
             .as_str()
@@ -360,12 +343,7 @@ async fn jobs_queued_behind_a_429_move_to_the_next_provider_at_once() {
     // `a`: the first job and the 429; `b`: the job that met the 429, and the three moved.
     assert_eq!((a.call_count(), b.call_count()), (2, 4));
     // A moved job never called `a`, and counts the move as a hop.
-    let last: Value = app
-        .get(&format!("/v1/jobs/{}", ids[4]))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let last = app.job(&ids[4]).await;
     assert_eq!(last["provider"], "b");
     assert_eq!(last["fallback_attempts"], 1);
     assert_eq!(outcomes(&last), ["ok"]);

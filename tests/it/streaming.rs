@@ -89,10 +89,7 @@ async fn usage_is_recorded_even_when_the_client_did_not_ask_for_it() {
     let f = Fleet::start().await;
     for route in ["OA", "AN", "OL"] {
         let resp = f.chat(route, streamed("count me", false)).await;
-        let job_id = resp.headers()["x-orch-request-id"]
-            .to_str()
-            .unwrap()
-            .to_string();
+        let job_id = req_id(&resp);
         let sse = Sse::read(resp).await;
         assert!(sse.ends_with_done());
         assert!(
@@ -182,10 +179,7 @@ async fn a_failure_after_the_first_chunk_ends_with_an_error_event() {
         fake.script([reply]);
         let resp = f.chat(route, streamed(text, true)).await;
         assert_eq!(resp.status(), 200);
-        let job_id = resp.headers()["x-orch-request-id"]
-            .to_str()
-            .unwrap()
-            .to_string();
+        let job_id = req_id(&resp);
         let sse = Sse::read(resp).await;
         assert!(
             !sse.ends_with_done(),
@@ -229,10 +223,7 @@ async fn client_disconnect_cancels_the_job_and_the_upstream_call() {
         fake.set_frame_delay(Duration::from_millis(100));
         let long = vec!["word"; 100].join(" ");
         let mut resp = f.chat(route, streamed(&long, false)).await;
-        let job_id = resp.headers()["x-orch-request-id"]
-            .to_str()
-            .unwrap()
-            .to_string();
+        let job_id = req_id(&resp);
         // Read until some text has arrived, then hang up.
         let mut got = String::new();
         while !got.contains("word") {
@@ -273,10 +264,7 @@ async fn queued_streams_send_keep_alives() {
     // The second waits in the queue: the client sees headers, then comments.
     let mut resp = app.chat(streamed("second", false)).await;
     assert_eq!(resp.status(), 200);
-    let job_id = resp.headers()["x-orch-request-id"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let job_id = req_id(&resp);
     let mut got = String::new();
     while !got.contains(": keep-alive") {
         let bytes = resp.chunk().await.unwrap().expect("stream open");
@@ -286,12 +274,7 @@ async fn queued_streams_send_keep_alives() {
         !got.contains("data:"),
         "nothing but comments while queued: {got}"
     );
-    let job: Value = app
-        .get(&format!("/v1/jobs/{job_id}"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let job = app.job(&job_id).await;
     assert_eq!(job["status"], "queued");
     // Hanging up while queued cancels the job; it never reaches the upstream.
     drop(resp);

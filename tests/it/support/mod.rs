@@ -183,6 +183,20 @@ impl TestApp {
             .unwrap()
     }
 
+    /// `GET /v1/jobs/{id}`, parsed.
+    pub async fn job(&self, id: &str) -> Value {
+        self.get(&format!("/v1/jobs/{id}"))
+            .await
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// The job behind a chat answer (its `x-orch-request-id`).
+    pub async fn job_of(&self, resp: &reqwest::Response) -> Value {
+        self.job(&req_id(resp)).await
+    }
+
     /// Polls a job until it is finished.
     pub async fn wait_job(&self, id: &str, within: Duration) -> Value {
         let end = Instant::now() + within;

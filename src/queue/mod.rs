@@ -32,6 +32,13 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A write that could not be committed (the reason is SQLite's).
+    #[error("database error: {0}")]
+    Write(String),
+    #[error("the database writer has stopped")]
+    WriterGone,
     #[error("{0}")]
     Open(String),
     #[error("corrupt row: {0}")]

@@ -60,6 +60,44 @@ pub struct JobRow {
     finished_by: Option<String>,
 }
 
+impl JobRow {
+    /// Reads a row selected with `job_columns!()` on the SQLite writer's connection.
+    pub fn from_sqlite(r: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Ok(JobRow {
+            id: r.get(0)?,
+            task: r.get(1)?,
+            status: r.get(2)?,
+            priority: r.get(3)?,
+            chain: r.get(4)?,
+            hop: r.get(5)?,
+            hops: r.get(6)?,
+            provider: r.get(7)?,
+            request: r.get(8)?,
+            stream: r.get(9)?,
+            caller: r.get(10)?,
+            idempotency_key: r.get(11)?,
+            pinned_instance: r.get(12)?,
+            run_at: r.get(13)?,
+            deadline_at: r.get(14)?,
+            lease_owner: r.get(15)?,
+            lease_expires_at: r.get(16)?,
+            hop_tries: r.get(17)?,
+            attempt_count: r.get(18)?,
+            created_at: r.get(19)?,
+            started_at: r.get(20)?,
+            finished_at: r.get(21)?,
+            status_code: r.get(22)?,
+            result: r.get(23)?,
+            error: r.get(24)?,
+            usage_prompt: r.get(25)?,
+            usage_completion: r.get(26)?,
+            batch_id: r.get(27)?,
+            custom_id: r.get(28)?,
+            finished_by: r.get(29)?,
+        })
+    }
+}
+
 impl TryFrom<JobRow> for Job {
     type Error = StoreError;
 

@@ -1,9 +1,10 @@
 //! The embedded SQLite store.
 //!
 //! One process owns the database file (an exclusive lock on `PATH.lock` enforces it:
-//! several instances need Postgres). All writes go through one connection behind an async
-//! mutex, so writers never fight over SQLite's lock and a lease is simply a transaction
-//! on that connection; reads use a small pool and see committed data through WAL.
+//! several instances need Postgres). All writes go through one connection owned by one
+//! thread (`writer`), so writers never fight over SQLite's lock and a lease is simply a
+//! transaction on that connection; reads use a small pool and see committed data through
+//! WAL.
 //!
 //! Durability: WAL with `synchronous=NORMAL` (default) keeps every committed transaction
 //! across a process crash (kill -9); `ORCH_SQLITE_SYNCHRONOUS=FULL` also survives power loss.
@@ -14,9 +15,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use rusqlite::{Connection as WriteConn, params};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Connection, SqliteConnection, SqlitePool};
-use tokio::sync::Mutex;
 
 use super::row::{
     AttemptRow, InstanceRow, JobRow, ProviderStateRow, cancelled_error, chain_json, error_json,
@@ -26,8 +27,12 @@ use super::*;
 use crate::config::SqliteSync;
 use crate::{attempt_columns, job_columns};
 
+mod writer;
+use writer::Writer;
+
 pub struct SqliteStore {
-    pub(super) writer: Mutex<SqliteConnection>,
+    /// Every write runs on the writer's thread (see `writer`); reads use the pool.
+    pub(super) writer: Writer,
     pub(super) readers: SqlitePool,
     /// Held for the life of the store: the file lock that keeps a second process out
     /// (`None` for a reader opened beside a running gateway).
@@ -78,7 +83,8 @@ impl SqliteStore {
             })
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(false);
-        let mut writer = SqliteConnection::connect_with(&options)
+        // sqlx runs the migrations; the writer thread opens its own connection after.
+        let mut migrator = SqliteConnection::connect_with(&options)
             .await
             .map_err(|e| {
                 StoreError::Open(format!(
@@ -87,15 +93,17 @@ impl SqliteStore {
                 ))
             })?;
         sqlx::migrate!("./migrations/sqlite")
-            .run(&mut writer)
+            .run(&mut migrator)
             .await?;
+        migrator.close().await?;
+        let writer = Writer::open(path, sync, false)?;
         let readers = SqlitePoolOptions::new()
             .max_connections(4)
             .min_connections(1)
             .connect_with(options.read_only(true))
             .await?;
         Ok(Self {
-            writer: Mutex::new(writer),
+            writer,
             readers,
             _lock: Some(lock),
         })
@@ -113,87 +121,74 @@ impl SqliteStore {
             .map_err(|e| StoreError::Open(format!("bad SQLite path {}: {e}", path.display())))?
             .read_only(true)
             .busy_timeout(Duration::from_secs(10));
-        let writer = SqliteConnection::connect_with(&options)
-            .await
-            .map_err(|e| {
-                StoreError::Open(format!(
-                    "cannot open SQLite database {} to read: {e}",
-                    path.display()
-                ))
-            })?;
+        let writer = Writer::open(path, sync, true)?;
         let readers = SqlitePoolOptions::new()
             .max_connections(2)
             .connect_with(options)
             .await?;
         Ok(Self {
-            writer: Mutex::new(writer),
+            writer,
             readers,
             _lock: None,
         })
     }
+}
 
-    async fn requeue_running(
-        &self,
-        owner: Option<&str>,
-        expired_only: bool,
-        outcome: AttemptOutcome,
-    ) -> StoreResult<Vec<String>> {
-        // The clock is read once the writer is ours: a wait for the lock must not age it.
-        let mut conn = self.writer.lock().await;
-        let now = now_ms();
-        let mut tx = conn.begin().await?;
-        let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
+/// Puts the running jobs of `owner` (any when `None`; only expired leases when
+/// `expired_only`) back in the queue, closing their attempts with `outcome`; a stream is
+/// failed instead (its client is gone). Returns the providers that got jobs back.
+fn requeue_running(
+    conn: &WriteConn,
+    owner: Option<&str>,
+    expired_only: bool,
+    outcome: AttemptOutcome,
+) -> StoreResult<Vec<String>> {
+    let now = now_ms();
+    let rows = conn
+        .prepare_cached(
             "SELECT id, provider, pinned_instance FROM jobs WHERE status = 'running' \
              AND (?1 IS NULL OR lease_owner = ?1) AND (?2 = 0 OR lease_expires_at < ?3)",
-        )
-        .bind(owner)
-        .bind(expired_only as i64)
-        .bind(now)
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut providers = Vec::new();
-        for (id, provider, pinned) in rows {
-            sqlx::query(
-                "UPDATE attempts SET outcome = ?1, finished_at = ?2, error = ?3 WHERE job_id = ?4 AND outcome = 'running'",
-            )
-            .bind(outcome.as_str())
-            .bind(now)
-            .bind(interrupted_attempt_error(outcome))
-            .bind(&id)
-            .execute(&mut *tx)
-            .await?;
-            if pinned.is_some() {
-                let err = orphaned_stream_error();
-                sqlx::query(
-                    "UPDATE jobs SET status = 'failed', finished_at = ?1, status_code = 502, error = ?2, \
-                     lease_owner = NULL, lease_expires_at = NULL WHERE id = ?3",
-                )
-                .bind(now)
-                .bind(error_json(&err))
-                .bind(&id)
-                .execute(&mut *tx)
-                .await?;
-                continue;
-            }
-            // A released attempt never reached an answer through no fault of the job:
-            // it does not count against max_retries.
-            let give_back = (outcome == AttemptOutcome::Released) as i64;
-            sqlx::query(
-                "UPDATE jobs SET status = 'queued', run_at = ?1, lease_owner = NULL, lease_expires_at = NULL, \
-                 hop_tries = MAX(hop_tries - ?2, 0) WHERE id = ?3",
-            )
-            .bind(now)
-            .bind(give_back)
-            .bind(&id)
-            .execute(&mut *tx)
-            .await?;
-            if !providers.contains(&provider) {
-                providers.push(provider);
-            }
+        )?
+        .query_map(params![owner, expired_only, now], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Option<String>>(2)?,
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut providers = Vec::new();
+    for (id, provider, pinned) in rows {
+        conn.prepare_cached(
+            "UPDATE attempts SET outcome = ?1, finished_at = ?2, error = ?3 WHERE job_id = ?4 AND outcome = 'running'",
+        )?
+        .execute(params![
+            outcome.as_str(),
+            now,
+            interrupted_attempt_error(outcome),
+            id
+        ])?;
+        if pinned.is_some() {
+            conn.prepare_cached(
+                "UPDATE jobs SET status = 'failed', finished_at = ?1, status_code = 502, error = ?2, \
+                 lease_owner = NULL, lease_expires_at = NULL WHERE id = ?3",
+            )?
+            .execute(params![now, error_json(&orphaned_stream_error()), id])?;
+            continue;
         }
-        tx.commit().await?;
-        Ok(providers)
+        // A released attempt never reached an answer through no fault of the job:
+        // it does not count against max_retries.
+        let give_back = outcome == AttemptOutcome::Released;
+        conn.prepare_cached(
+            "UPDATE jobs SET status = 'queued', run_at = ?1, lease_owner = NULL, lease_expires_at = NULL, \
+             hop_tries = MAX(hop_tries - ?2, 0) WHERE id = ?3",
+        )?
+        .execute(params![now, give_back, id])?;
+        if !providers.contains(&provider) {
+            providers.push(provider);
+        }
     }
+    Ok(providers)
 }
 
 #[async_trait]
@@ -211,31 +206,37 @@ impl QueueStore for SqliteStore {
     }
 
     async fn insert_job(&self, job: &NewJob) -> StoreResult<Inserted> {
-        let mut conn = self.writer.lock().await;
-        let inserted = insert(&mut conn, job).await?;
-        if inserted {
-            return Ok(Inserted::New);
-        }
-        let row: JobRow = sqlx::query_as(concat!(
-            "SELECT ",
-            job_columns!(),
-            " FROM jobs WHERE caller = ?1 AND idempotency_key = ?2"
-        ))
-        .bind(job.caller.as_deref().unwrap_or(""))
-        .bind(&job.idempotency_key)
-        .fetch_one(&mut *conn)
-        .await?;
-        Ok(Inserted::Existing(Box::new(row.try_into()?)))
+        let job = job.clone();
+        self.writer
+            .write(move |conn| {
+                if insert(conn, &job)? {
+                    return Ok(Inserted::New);
+                }
+                let row = conn
+                    .prepare_cached(concat!(
+                        "SELECT ",
+                        job_columns!(),
+                        " FROM jobs WHERE caller = ?1 AND idempotency_key = ?2"
+                    ))?
+                    .query_row(
+                        params![job.caller.as_deref().unwrap_or(""), job.idempotency_key],
+                        JobRow::from_sqlite,
+                    )?;
+                Ok(Inserted::Existing(Box::new(row.try_into()?)))
+            })
+            .await
     }
 
     async fn insert_jobs(&self, jobs: &[NewJob]) -> StoreResult<()> {
-        let mut conn = self.writer.lock().await;
-        let mut tx = conn.begin().await?;
-        for job in jobs {
-            insert(&mut tx, job).await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        let jobs = jobs.to_vec();
+        self.writer
+            .write(move |conn| {
+                for job in &jobs {
+                    insert(conn, job)?;
+                }
+                Ok(())
+            })
+            .await
     }
 
     async fn get_job(&self, id: &str) -> StoreResult<Option<Job>> {
@@ -263,130 +264,8 @@ impl QueueStore for SqliteStore {
     }
 
     async fn lease(&self, req: &LeaseRequest) -> StoreResult<Lease> {
-        // The clock is read once the writer is ours: a wait for the lock must not age it.
-        let mut conn = self.writer.lock().await;
-        let now = now_ms();
-        let mut tx = conn.begin().await?;
-        // Every budget input in one statement: one round trip to the SQLite thread.
-        let (cooldown_until, breaker_open_until, running, calls, tokens, oldest_second): (i64, i64, i64, i64, i64, Option<i64>) =
-            sqlx::query_as(
-                "SELECT COALESCE((SELECT cooldown_until FROM provider_state WHERE provider = ?1), 0), \
-                 COALESCE((SELECT breaker_open_until FROM provider_state WHERE provider = ?1), 0), \
-                 (SELECT COUNT(*) FROM jobs WHERE provider = ?1 AND status = 'running'), \
-                 (SELECT COALESCE(SUM(calls), 0) FROM provider_usage WHERE provider = ?1 AND second >= ?2), \
-                 (SELECT COALESCE(SUM(tokens), 0) FROM provider_usage WHERE provider = ?1 AND second >= ?2), \
-                 (SELECT MIN(second) FROM provider_usage WHERE provider = ?1 AND second >= ?2)",
-            )
-            .bind(&req.provider)
-            .bind(budget::window_start_second(now))
-            .fetch_one(&mut *tx)
-            .await?;
-        let usage = budget::Usage {
-            cooldown_until,
-            breaker_open_until,
-            running,
-            calls,
-            tokens,
-            oldest_second,
-        };
-        let limit = match budget::admit(&usage, &req.budget, now, req.max_jobs) {
-            Ok(n) => n,
-            Err(blocked) => {
-                return Ok(Lease {
-                    blocked: Some(blocked),
-                    ..Lease::default()
-                });
-            }
-        };
-        let lease_until = now + req.lease_ms;
-        // Pick, then mark each job. The LIMIT is a constant in the SQL text: SQLite plans
-        // with a bound LIMIT's value and re-prepares the statement whenever it changes.
-        // (One `UPDATE … WHERE id IN (SELECT …)` would save a statement, but is re-prepared
-        // on every run for the same reason.)
-        macro_rules! pick {
-            ($limit:literal) => {
-                concat!(
-                    "SELECT id FROM jobs WHERE provider = ?1 AND status = 'queued' AND run_at <= ?2 \
-                     AND (pinned_instance IS NULL OR pinned_instance = ?3) ORDER BY priority, run_at LIMIT ",
-                    $limit
-                )
-            };
-        }
-        let sql = if limit == 1 { pick!("1") } else { pick!("64") };
-        let mut ids: Vec<(String,)> = sqlx::query_as(sql)
-            .bind(&req.provider)
-            .bind(now)
-            .bind(&req.instance)
-            .fetch_all(&mut *tx)
-            .await?;
-        ids.truncate(usize::try_from(limit).unwrap_or(1));
-        let mut rows: Vec<JobRow> = Vec::with_capacity(ids.len());
-        for (id,) in &ids {
-            let row: JobRow = sqlx::query_as(concat!(
-                "UPDATE jobs SET status = 'running', lease_owner = ?1, lease_expires_at = ?2, \
-                 started_at = COALESCE(started_at, ?3), attempt_count = attempt_count + 1, hop_tries = hop_tries + 1 \
-                 WHERE id = ?4 RETURNING ",
-                job_columns!()
-            ))
-            .bind(&req.instance)
-            .bind(lease_until)
-            .bind(now)
-            .bind(id)
-            .fetch_one(&mut *tx)
-            .await?;
-            rows.push(row);
-        }
-        if rows.is_empty() {
-            let (next,): (Option<i64>,) = sqlx::query_as(
-                "SELECT MIN(run_at) FROM jobs WHERE provider = ?1 AND status = 'queued' \
-                 AND (pinned_instance IS NULL OR pinned_instance = ?2)",
-            )
-            .bind(&req.provider)
-            .bind(&req.instance)
-            .fetch_one(&mut *tx)
-            .await?;
-            return Ok(Lease {
-                next_due_at: next,
-                ..Lease::default()
-            });
-        }
-        let mut jobs = Vec::with_capacity(rows.len());
-        let mut estimated = 0;
-        for row in rows {
-            let job = Job::try_from(row)?;
-            let estimate = lease_estimate(req, &job);
-            estimated += estimate;
-            sqlx::query(
-                "INSERT INTO attempts (job_id, n, provider, model, instance, started_at, outcome, tokens) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'running', ?7)",
-            )
-            .bind(&job.id)
-            .bind(job.attempt_count)
-            .bind(&req.provider)
-            .bind(&req.model)
-            .bind(&req.instance)
-            .bind(now)
-            .bind(estimate)
-            .execute(&mut *tx)
-            .await?;
-            let attempt_n = job.attempt_count;
-            jobs.push(LeasedJob { job, attempt_n });
-        }
-        sqlx::query(
-            "INSERT INTO provider_usage (provider, second, calls, tokens) VALUES (?1, ?2, ?3, ?4) \
-             ON CONFLICT (provider, second) DO UPDATE SET calls = calls + excluded.calls, tokens = tokens + excluded.tokens",
-        )
-        .bind(&req.provider)
-        .bind(budget::second_of(now))
-        .bind(jobs.len() as i64)
-        .bind(estimated)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(Lease {
-            jobs,
-            ..Lease::default()
-        })
+        let req = req.clone();
+        self.writer.write(move |conn| lease(conn, &req)).await
     }
 
     async fn renew_lease(
@@ -396,157 +275,67 @@ impl QueueStore for SqliteStore {
         attempt_n: i64,
         lease_ms: i64,
     ) -> StoreResult<bool> {
-        let mut conn = self.writer.lock().await;
-        let done = sqlx::query(
-            "UPDATE jobs SET lease_expires_at = ?1 WHERE id = ?2 AND status = 'running' AND lease_owner = ?3 \
-             AND attempt_count = ?4",
-        )
-        .bind(now_ms() + lease_ms)
-        .bind(job_id)
-        .bind(instance)
-        .bind(attempt_n)
-        .execute(&mut *conn)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        let (job_id, instance) = (job_id.to_owned(), instance.to_owned());
+        self.writer
+            .write(move |conn| {
+                let done = conn
+                    .prepare_cached(
+                        "UPDATE jobs SET lease_expires_at = ?1 WHERE id = ?2 AND status = 'running' \
+                         AND lease_owner = ?3 AND attempt_count = ?4",
+                    )?
+                    .execute(params![now_ms() + lease_ms, job_id, instance, attempt_n])?;
+                Ok(done == 1)
+            })
+            .await
     }
 
     async fn finish_attempt(&self, fin: &AttemptFinish) -> StoreResult<bool> {
-        let mut conn = self.writer.lock().await;
-        let mut tx = conn.begin().await?;
-        if fin.count_tokens
-            && let Some(actual) = fin.tokens
-        {
-            // Replace the lease-time estimate by what the call really used, in the bucket
-            // of the second the call started.
-            sqlx::query(
-                    "UPDATE provider_usage SET tokens = tokens + ?1 - (SELECT tokens FROM attempts WHERE job_id = ?2 AND n = ?3) \
-                     WHERE provider = ?4 AND second = (SELECT started_at / 1000 FROM attempts WHERE job_id = ?2 AND n = ?3)",
-                )
-                .bind(actual)
-                .bind(&fin.job_id)
-                .bind(fin.attempt_n)
-                .bind(&fin.provider)
-                .execute(&mut *tx)
-                .await?;
-        }
-        sqlx::query(
-            "UPDATE attempts SET finished_at = ?1, status_code = ?2, outcome = ?3, error = ?4, \
-             tokens = COALESCE(?5, tokens) WHERE job_id = ?6 AND n = ?7",
-        )
-        .bind(fin.finished_at)
-        .bind(fin.status_code)
-        .bind(fin.outcome.as_str())
-        .bind(&fin.error)
-        .bind(fin.tokens)
-        .bind(&fin.job_id)
-        .bind(fin.attempt_n)
-        .execute(&mut *tx)
-        .await?;
-        // Only the lease holder may move the job on.
-        // Only the lease holder may move the job on, and only for the attempt it holds:
-        // after a lost lease the same instance may hold a newer attempt of the same job.
-        macro_rules! owned {
-            ($attempt:literal) => {
-                concat!(" WHERE id = ?1 AND status = 'running' AND lease_owner = ?2 AND attempt_count = ", $attempt)
-            };
-        }
-        let done = match &fin.transition {
-            Transition::Succeed { result, usage_prompt, usage_completion } => {
-                sqlx::query(concat!("UPDATE jobs SET status = 'succeeded', finished_at = ?3, status_code = 200, result = ?4, \
-                     usage_prompt = ?5, usage_completion = ?6, lease_owner = NULL, lease_expires_at = NULL, \
-                     finished_by = ?2 ", owned!("?7")))
-                .bind(&fin.job_id)
-                .bind(&fin.instance)
-                .bind(fin.finished_at)
-                .bind(result)
-                .bind(usage_prompt)
-                .bind(usage_completion)
-                .bind(fin.attempt_n)
-                .execute(&mut *tx)
-                .await?
-            }
-            Transition::Fail { error, partial } => {
-                sqlx::query(concat!("UPDATE jobs SET status = 'failed', finished_at = ?3, status_code = ?4, error = ?5, result = ?6, \
-                     lease_owner = NULL, lease_expires_at = NULL, finished_by = ?2 ", owned!("?7")))
-                .bind(&fin.job_id)
-                .bind(&fin.instance)
-                .bind(fin.finished_at)
-                .bind(i64::from(error.status))
-                .bind(error_json(error))
-                .bind(partial)
-                .bind(fin.attempt_n)
-                .execute(&mut *tx)
-                .await?
-            }
-            Transition::Requeue { hop, provider, run_at } => {
-                sqlx::query(concat!("UPDATE jobs SET status = 'queued', run_at = ?3, \
-                     hop_tries = CASE WHEN hop = ?4 THEN hop_tries ELSE 0 END, hop = ?4, provider = ?5, \
-                     hops = hops + CASE WHEN provider <> ?5 THEN 1 ELSE 0 END, \
-                     lease_owner = NULL, lease_expires_at = NULL ", owned!("?6")))
-                .bind(&fin.job_id)
-                .bind(&fin.instance)
-                .bind(run_at)
-                .bind(*hop as i64)
-                .bind(provider)
-                .bind(fin.attempt_n)
-                .execute(&mut *tx)
-                .await?
-            }
-        };
-        apply_effect(&mut tx, &fin.provider, fin.finished_at, &fin.effect).await?;
-        tx.commit().await?;
-        Ok(done.rows_affected() == 1)
+        let fin = fin.clone();
+        self.writer.write(move |conn| finish(conn, &fin)).await
     }
 
     async fn cancel_job(&self, id: &str) -> StoreResult<Option<Job>> {
-        let now = now_ms();
-        {
-            let mut conn = self.writer.lock().await;
-            let mut tx = conn.begin().await?;
-            let err = cancelled_error();
-            let done = sqlx::query(
-                "UPDATE jobs SET status = 'cancelled', finished_at = ?1, status_code = 499, error = ?2, \
-                 lease_owner = NULL, lease_expires_at = NULL WHERE id = ?3 AND status IN ('queued', 'running')",
-            )
-            .bind(now)
-            .bind(error_json(&err))
-            .bind(id)
-            .execute(&mut *tx)
+        let job_id = id.to_owned();
+        self.writer
+            .write(move |conn| {
+                let now = now_ms();
+                let done = conn
+                    .prepare_cached(
+                        "UPDATE jobs SET status = 'cancelled', finished_at = ?1, status_code = 499, error = ?2, \
+                         lease_owner = NULL, lease_expires_at = NULL WHERE id = ?3 AND status IN ('queued', 'running')",
+                    )?
+                    .execute(params![now, error_json(&cancelled_error()), job_id])?;
+                if done == 1 {
+                    conn.prepare_cached(
+                        "UPDATE attempts SET outcome = 'cancelled', finished_at = ?1 WHERE job_id = ?2 AND outcome = 'running'",
+                    )?
+                    .execute(params![now, job_id])?;
+                }
+                Ok(())
+            })
             .await?;
-            if done.rows_affected() == 1 {
-                sqlx::query(
-                    "UPDATE attempts SET outcome = 'cancelled', finished_at = ?1 WHERE job_id = ?2 AND outcome = 'running'",
-                )
-                .bind(now)
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
-            }
-            tx.commit().await?;
-        }
         self.get_job(id).await
     }
 
     async fn rescue(&self, scope: RescueScope<'_>) -> StoreResult<Vec<String>> {
-        {
-            // Budget buckets older than the window are no longer read.
-            let mut conn = self.writer.lock().await;
-            sqlx::query("DELETE FROM provider_usage WHERE second < ?1")
-                .bind(budget::window_start_second(now_ms()) - 1)
-                .execute(&mut *conn)
-                .await?;
-        }
-        let (owner, expired_only) = match scope {
-            RescueScope::Expired => (None, true),
-            RescueScope::Owner(o) => (Some(o), false),
-            RescueScope::All => (None, false),
-        };
-        self.requeue_running(owner, expired_only, AttemptOutcome::Lost)
+        let (owner, expired_only) = scope.filters();
+        let owner = owner.map(str::to_owned);
+        self.writer
+            .write(move |conn| {
+                // Budget buckets older than the window are no longer read.
+                conn.prepare_cached("DELETE FROM provider_usage WHERE second < ?1")?
+                    .execute(params![budget::window_start_second(now_ms()) - 1])?;
+                requeue_running(conn, owner.as_deref(), expired_only, AttemptOutcome::Lost)
+            })
             .await
     }
 
     async fn release_leases(&self, instance: &str) -> StoreResult<Vec<String>> {
-        self.requeue_running(Some(instance), false, AttemptOutcome::Released)
+        let instance = instance.to_owned();
+        self.writer
+            .write(move |conn| {
+                requeue_running(conn, Some(&instance), false, AttemptOutcome::Released)
+            })
             .await
     }
 
@@ -567,24 +356,22 @@ impl QueueStore for SqliteStore {
         if moves.is_empty() {
             return Ok(0);
         }
-        let mut conn = self.writer.lock().await;
-        let mut tx = conn.begin().await?;
-        let mut moved = 0;
-        for m in moves {
-            let done = sqlx::query(
-                "UPDATE jobs SET hop = ?1, provider = ?2, hops = hops + 1, hop_tries = 0 \
-                 WHERE id = ?3 AND status = 'queued' AND provider = ?4",
-            )
-            .bind(m.hop as i64)
-            .bind(&m.to)
-            .bind(&m.job_id)
-            .bind(&m.from)
-            .execute(&mut *tx)
-            .await?;
-            moved += done.rows_affected();
-        }
-        tx.commit().await?;
-        Ok(moved)
+        let moves = moves.to_vec();
+        self.writer
+            .write(move |conn| {
+                let mut moved = 0;
+                for m in &moves {
+                    moved += conn
+                        .prepare_cached(
+                            "UPDATE jobs SET hop = ?1, provider = ?2, hops = hops + 1, hop_tries = 0 \
+                             WHERE id = ?3 AND status = 'queued' AND provider = ?4",
+                        )?
+                        .execute(params![m.hop as i64, m.to, m.job_id, m.from])?
+                        as u64;
+                }
+                Ok(moved)
+            })
+            .await
     }
 
     async fn fail_queued(
@@ -594,19 +381,19 @@ impl QueueStore for SqliteStore {
         error: &JobError,
         at: i64,
     ) -> StoreResult<bool> {
-        let mut conn = self.writer.lock().await;
-        let done = sqlx::query(
-            "UPDATE jobs SET status = 'failed', finished_at = ?1, status_code = ?2, error = ?3 \
-             WHERE id = ?4 AND status = 'queued' AND provider = ?5",
-        )
-        .bind(at)
-        .bind(i64::from(error.status))
-        .bind(error_json(error))
-        .bind(job_id)
-        .bind(from)
-        .execute(&mut *conn)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        let status = i64::from(error.status);
+        let (job_id, from, error) = (job_id.to_owned(), from.to_owned(), error_json(error));
+        self.writer
+            .write(move |conn| {
+                let done = conn
+                    .prepare_cached(
+                        "UPDATE jobs SET status = 'failed', finished_at = ?1, status_code = ?2, error = ?3 \
+                         WHERE id = ?4 AND status = 'queued' AND provider = ?5",
+                    )?
+                    .execute(params![at, status, error, job_id, from])?;
+                Ok(done == 1)
+            })
+            .await
     }
 
     async fn queue_depths(&self) -> StoreResult<Vec<(String, i64)>> {
@@ -660,18 +447,17 @@ impl QueueStore for SqliteStore {
     }
 
     async fn heartbeat(&self, instance: &str) -> StoreResult<()> {
-        // The clock is read once the writer is ours: a wait for the lock must not age it.
-        let mut conn = self.writer.lock().await;
-        let now = now_ms();
-        sqlx::query(
-            "INSERT INTO instances (id, started_at, heartbeat_at) VALUES (?1, ?2, ?2) \
-             ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
-        )
-        .bind(instance)
-        .bind(now)
-        .execute(&mut *conn)
-        .await?;
-        Ok(())
+        let instance = instance.to_owned();
+        self.writer
+            .write(move |conn| {
+                conn.prepare_cached(
+                    "INSERT INTO instances (id, started_at, heartbeat_at) VALUES (?1, ?2, ?2) \
+                     ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+                )?
+                .execute(params![instance, now_ms()])?;
+                Ok(())
+            })
+            .await
     }
 
     async fn instances(&self, since_ms: i64) -> StoreResult<Vec<InstanceInfo>> {
@@ -701,122 +487,325 @@ impl QueueStore for SqliteStore {
         if ids.is_empty() {
             return Ok(());
         }
-        let mut conn = self.writer.lock().await;
-        let mut tx = conn.begin().await?;
-        for id in ids {
-            sqlx::query("UPDATE jobs SET metrics_written = 1 WHERE id = ?1")
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        let ids = ids.to_vec();
+        self.writer
+            .write(move |conn| {
+                for id in &ids {
+                    conn.prepare_cached("UPDATE jobs SET metrics_written = 1 WHERE id = ?1")?
+                        .execute(params![id])?;
+                }
+                Ok(())
+            })
+            .await
     }
 
     async fn purge_finished(&self, before_ms: i64, limit: i64) -> StoreResult<u64> {
-        let mut conn = self.writer.lock().await;
-        let mut tx = conn.begin().await?;
-        let ids: Vec<(String,)> = sqlx::query_as(
-            "SELECT id FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ?1 ORDER BY finished_at LIMIT ?2",
-        )
-        .bind(before_ms)
-        .bind(limit)
-        .fetch_all(&mut *tx)
-        .await?;
-        for (id,) in &ids {
-            sqlx::query("DELETE FROM attempts WHERE job_id = ?1")
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query("DELETE FROM jobs WHERE id = ?1")
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(ids.len() as u64)
+        self.writer
+            .write(move |conn| {
+                let ids = conn
+                    .prepare_cached(
+                        "SELECT id FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ?1 \
+                         ORDER BY finished_at LIMIT ?2",
+                    )?
+                    .query_map(params![before_ms, limit], |r| r.get::<_, String>(0))?
+                    .collect::<Result<Vec<_>, _>>()?;
+                for id in &ids {
+                    conn.prepare_cached("DELETE FROM attempts WHERE job_id = ?1")?
+                        .execute(params![id])?;
+                    conn.prepare_cached("DELETE FROM jobs WHERE id = ?1")?
+                        .execute(params![id])?;
+                }
+                Ok(ids.len() as u64)
+            })
+            .await
     }
 }
 
-async fn insert(conn: &mut SqliteConnection, job: &NewJob) -> StoreResult<bool> {
-    let provider = job.chain.get(job.hop).cloned().unwrap_or_default();
-    let done = sqlx::query(
-        "INSERT INTO jobs (id, task, status, priority, chain, hop, provider, request, stream, caller, \
-         idempotency_key, pinned_instance, run_at, deadline_at, created_at, batch_id, custom_id) \
-         VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?12, ?14, ?15) \
-         ON CONFLICT (caller, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
-    )
-    .bind(&job.id)
-    .bind(&job.task)
-    .bind(job.priority)
-    .bind(chain_json(&job.chain))
-    .bind(job.hop as i64)
-    .bind(provider)
-    .bind(&job.request)
-    .bind(job.stream as i64)
-    .bind(job.caller.as_deref().unwrap_or(""))
-    .bind(&job.idempotency_key)
-    .bind(&job.pinned_instance)
-    .bind(job.created_at)
-    .bind(job.deadline_at)
-    .bind(&job.batch_id)
-    .bind(&job.custom_id)
-    .execute(&mut *conn)
-    .await?;
-    Ok(done.rows_affected() == 1)
+fn insert(conn: &WriteConn, job: &NewJob) -> StoreResult<bool> {
+    let provider = job.chain.get(job.hop).map_or("", String::as_str);
+    let done = conn
+        .prepare_cached(
+            "INSERT INTO jobs (id, task, status, priority, chain, hop, provider, request, stream, caller, \
+             idempotency_key, pinned_instance, run_at, deadline_at, created_at, batch_id, custom_id) \
+             VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?12, ?14, ?15) \
+             ON CONFLICT (caller, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
+        )?
+        .execute(params![
+            job.id,
+            job.task,
+            job.priority,
+            chain_json(&job.chain),
+            job.hop as i64,
+            provider,
+            job.request,
+            job.stream,
+            job.caller.as_deref().unwrap_or(""),
+            job.idempotency_key,
+            job.pinned_instance,
+            job.created_at,
+            job.deadline_at,
+            job.batch_id,
+            job.custom_id,
+        ])?;
+    Ok(done == 1)
 }
 
-async fn apply_effect(
-    conn: &mut SqliteConnection,
+/// One lease transaction: budget read, decision, pick, mark, attempt rows, usage bucket.
+fn lease(conn: &WriteConn, req: &LeaseRequest) -> StoreResult<Lease> {
+    // The clock is read once the writer runs this: a wait in the queue must not age it.
+    let now = now_ms();
+    // Every budget input in one statement.
+    let usage = conn
+        .prepare_cached(
+            "SELECT COALESCE((SELECT cooldown_until FROM provider_state WHERE provider = ?1), 0), \
+             COALESCE((SELECT breaker_open_until FROM provider_state WHERE provider = ?1), 0), \
+             (SELECT COUNT(*) FROM jobs WHERE provider = ?1 AND status = 'running'), \
+             (SELECT COALESCE(SUM(calls), 0) FROM provider_usage WHERE provider = ?1 AND second >= ?2), \
+             (SELECT COALESCE(SUM(tokens), 0) FROM provider_usage WHERE provider = ?1 AND second >= ?2), \
+             (SELECT MIN(second) FROM provider_usage WHERE provider = ?1 AND second >= ?2)",
+        )?
+        .query_row(
+            params![req.provider, budget::window_start_second(now)],
+            |r| {
+                Ok(budget::Usage {
+                    cooldown_until: r.get(0)?,
+                    breaker_open_until: r.get(1)?,
+                    running: r.get(2)?,
+                    calls: r.get(3)?,
+                    tokens: r.get(4)?,
+                    oldest_second: r.get(5)?,
+                })
+            },
+        )?;
+    let limit = match budget::admit(&usage, &req.budget, now, req.max_jobs) {
+        Ok(n) => n,
+        Err(blocked) => return Ok(Lease::blocked(blocked)),
+    };
+    let lease_until = now + req.lease_ms;
+    // Pick, then mark each job. The LIMIT is a constant in the SQL text: SQLite plans
+    // with a bound LIMIT's value and re-prepares the statement whenever it changes.
+    // (One `UPDATE … WHERE id IN (SELECT …)` would save a statement, but is re-prepared
+    // on every run for the same reason.)
+    macro_rules! pick {
+        ($limit:literal) => {
+            concat!(
+                "SELECT id FROM jobs WHERE provider = ?1 AND status = 'queued' AND run_at <= ?2 \
+                 AND (pinned_instance IS NULL OR pinned_instance = ?3) ORDER BY priority, run_at LIMIT ",
+                $limit
+            )
+        };
+    }
+    let sql = if limit == 1 { pick!("1") } else { pick!("64") };
+    let mut ids = conn
+        .prepare_cached(sql)?
+        .query_map(params![req.provider, now, req.instance], |r| {
+            r.get::<_, String>(0)
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    ids.truncate(usize::try_from(limit).unwrap_or(1));
+    if ids.is_empty() {
+        let next = conn
+            .prepare_cached(
+                "SELECT MIN(run_at) FROM jobs WHERE provider = ?1 AND status = 'queued' \
+                 AND (pinned_instance IS NULL OR pinned_instance = ?2)",
+            )?
+            .query_row(params![req.provider, req.instance], |r| r.get(0))?;
+        return Ok(Lease {
+            next_due_at: next,
+            ..Lease::default()
+        });
+    }
+    let mut jobs = Vec::with_capacity(ids.len());
+    let mut estimated = 0;
+    for id in &ids {
+        let row = conn
+            .prepare_cached(concat!(
+                "UPDATE jobs SET status = 'running', lease_owner = ?1, lease_expires_at = ?2, \
+                 started_at = COALESCE(started_at, ?3), attempt_count = attempt_count + 1, hop_tries = hop_tries + 1 \
+                 WHERE id = ?4 RETURNING ",
+                job_columns!()
+            ))?
+            .query_row(
+                params![req.instance, lease_until, now, id],
+                JobRow::from_sqlite,
+            )?;
+        let job = Job::try_from(row)?;
+        let estimate = lease_estimate(req, &job);
+        estimated += estimate;
+        conn.prepare_cached(
+            "INSERT INTO attempts (job_id, n, provider, model, instance, started_at, outcome, tokens) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'running', ?7)",
+        )?
+        .execute(params![
+            job.id,
+            job.attempt_count,
+            req.provider,
+            req.model,
+            req.instance,
+            now,
+            estimate
+        ])?;
+        let attempt_n = job.attempt_count;
+        jobs.push(LeasedJob { job, attempt_n });
+    }
+    conn.prepare_cached(
+        "INSERT INTO provider_usage (provider, second, calls, tokens) VALUES (?1, ?2, ?3, ?4) \
+         ON CONFLICT (provider, second) DO UPDATE SET calls = calls + excluded.calls, tokens = tokens + excluded.tokens",
+    )?
+    .execute(params![
+        req.provider,
+        budget::second_of(now),
+        jobs.len() as i64,
+        estimated
+    ])?;
+    Ok(Lease {
+        jobs,
+        ..Lease::default()
+    })
+}
+
+/// Records how an attempt ended and moves its job on, if this instance still holds it.
+fn finish(conn: &WriteConn, fin: &AttemptFinish) -> StoreResult<bool> {
+    if fin.count_tokens
+        && let Some(actual) = fin.tokens
+    {
+        // Replace the lease-time estimate by what the call really used, in the bucket
+        // of the second the call started.
+        conn.prepare_cached(
+            "UPDATE provider_usage SET tokens = tokens + ?1 - (SELECT tokens FROM attempts WHERE job_id = ?2 AND n = ?3) \
+             WHERE provider = ?4 AND second = (SELECT started_at / 1000 FROM attempts WHERE job_id = ?2 AND n = ?3)",
+        )?
+        .execute(params![actual, fin.job_id, fin.attempt_n, fin.provider])?;
+    }
+    conn.prepare_cached(
+        "UPDATE attempts SET finished_at = ?1, status_code = ?2, outcome = ?3, error = ?4, \
+         tokens = COALESCE(?5, tokens) WHERE job_id = ?6 AND n = ?7",
+    )?
+    .execute(params![
+        fin.finished_at,
+        fin.status_code,
+        fin.outcome.as_str(),
+        fin.error,
+        fin.tokens,
+        fin.job_id,
+        fin.attempt_n
+    ])?;
+    // Only the lease holder may move the job on, and only for the attempt it holds:
+    // after a lost lease the same instance may hold a newer attempt of the same job.
+    macro_rules! owned {
+        ($attempt:literal) => {
+            concat!(
+                " WHERE id = ?1 AND status = 'running' AND lease_owner = ?2 AND attempt_count = ",
+                $attempt
+            )
+        };
+    }
+    let done = match &fin.transition {
+        Transition::Succeed {
+            result,
+            usage_prompt,
+            usage_completion,
+        } => conn
+            .prepare_cached(concat!(
+                "UPDATE jobs SET status = 'succeeded', finished_at = ?3, status_code = 200, result = ?4, \
+                 usage_prompt = ?5, usage_completion = ?6, lease_owner = NULL, lease_expires_at = NULL, \
+                 finished_by = ?2 ",
+                owned!("?7")
+            ))?
+            .execute(params![
+                fin.job_id,
+                fin.instance,
+                fin.finished_at,
+                result,
+                usage_prompt,
+                usage_completion,
+                fin.attempt_n
+            ])?,
+        Transition::Fail { error, partial } => conn
+            .prepare_cached(concat!(
+                "UPDATE jobs SET status = 'failed', finished_at = ?3, status_code = ?4, error = ?5, result = ?6, \
+                 lease_owner = NULL, lease_expires_at = NULL, finished_by = ?2 ",
+                owned!("?7")
+            ))?
+            .execute(params![
+                fin.job_id,
+                fin.instance,
+                fin.finished_at,
+                i64::from(error.status),
+                error_json(error),
+                partial,
+                fin.attempt_n
+            ])?,
+        Transition::Requeue {
+            hop,
+            provider,
+            run_at,
+        } => conn
+            .prepare_cached(concat!(
+                "UPDATE jobs SET status = 'queued', run_at = ?3, \
+                 hop_tries = CASE WHEN hop = ?4 THEN hop_tries ELSE 0 END, hop = ?4, provider = ?5, \
+                 hops = hops + CASE WHEN provider <> ?5 THEN 1 ELSE 0 END, \
+                 lease_owner = NULL, lease_expires_at = NULL ",
+                owned!("?6")
+            ))?
+            .execute(params![
+                fin.job_id,
+                fin.instance,
+                run_at,
+                *hop as i64,
+                provider,
+                fin.attempt_n
+            ])?,
+    };
+    apply_effect(conn, &fin.provider, fin.finished_at, &fin.effect)?;
+    Ok(done == 1)
+}
+
+/// What an attempt taught us about its provider: cool-down, breaker count.
+fn apply_effect(
+    conn: &WriteConn,
     provider: &str,
     now: i64,
     effect: &ProviderEffect,
 ) -> StoreResult<()> {
     // The common case, a success with no breaker history, writes nothing.
     if effect.success == Some(true) && effect.cooldown_until.is_none() {
-        sqlx::query("UPDATE provider_state SET consecutive_failures = 0 WHERE provider = ?1 AND consecutive_failures <> 0")
-            .bind(provider)
-            .execute(&mut *conn)
-            .await?;
+        conn.prepare_cached(
+            "UPDATE provider_state SET consecutive_failures = 0 WHERE provider = ?1 AND consecutive_failures <> 0",
+        )?
+        .execute(params![provider])?;
         return Ok(());
     }
     if effect.cooldown_until.is_none() && effect.success.is_none() {
         return Ok(());
     }
-    sqlx::query(
+    conn.prepare_cached(
         "INSERT INTO provider_state (provider) VALUES (?1) ON CONFLICT (provider) DO NOTHING",
-    )
-    .bind(provider)
-    .execute(&mut *conn)
-    .await?;
+    )?
+    .execute(params![provider])?;
     if let Some(until) = effect.cooldown_until {
-        sqlx::query("UPDATE provider_state SET cooldown_until = MAX(cooldown_until, ?1) WHERE provider = ?2")
-            .bind(until)
-            .bind(provider)
-            .execute(&mut *conn)
-            .await?;
+        conn.prepare_cached(
+            "UPDATE provider_state SET cooldown_until = MAX(cooldown_until, ?1) WHERE provider = ?2",
+        )?
+        .execute(params![until, provider])?;
     }
     match effect.success {
         Some(true) => {
-            sqlx::query("UPDATE provider_state SET consecutive_failures = 0 WHERE provider = ?1")
-                .bind(provider)
-                .execute(&mut *conn)
-                .await?;
+            conn.prepare_cached(
+                "UPDATE provider_state SET consecutive_failures = 0 WHERE provider = ?1",
+            )?
+            .execute(params![provider])?;
         }
         Some(false) => {
             let (threshold, open_ms) = effect
                 .breaker
                 .map_or((i64::MAX, 0), |(t, ms)| (i64::from(t), ms));
-            sqlx::query(
+            conn.prepare_cached(
                 "UPDATE provider_state SET consecutive_failures = consecutive_failures + 1, \
                  breaker_open_until = CASE WHEN consecutive_failures + 1 >= ?1 THEN ?2 ELSE breaker_open_until END \
                  WHERE provider = ?3",
-            )
-            .bind(threshold)
-            .bind(now + open_ms)
-            .bind(provider)
-            .execute(&mut *conn)
-            .await?;
+            )?
+            .execute(params![threshold, now + open_ms, provider])?;
         }
         None => {}
     }

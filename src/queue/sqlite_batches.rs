@@ -1,8 +1,7 @@
-//! `BatchStore` for the embedded SQLite store: the same writer connection and readers as
-//! the queue, so a batch's jobs and its row live in one database file.
+//! `BatchStore` for the embedded SQLite store: the same writer and readers as the queue, so a batch's jobs and its row live in one database file.
 
 use async_trait::async_trait;
-use sqlx::Connection;
+use rusqlite::{Connection, params};
 
 use super::batches::{
     Batch, BatchEnd, BatchRow, BatchStatus, BatchStore, FileRow, JobCounts, LineError, NewFile,
@@ -27,29 +26,31 @@ macro_rules! set_status {
     };
 }
 
-async fn insert_file(conn: &mut sqlx::SqliteConnection, f: &NewFile) -> StoreResult<()> {
+fn insert_file(conn: &Connection, f: &NewFile) -> StoreResult<()> {
     let m = &f.meta;
-    sqlx::query(
+    conn.prepare_cached(
         "INSERT INTO files (id, caller, filename, purpose, bytes, created_at, content) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-    )
-    .bind(&m.id)
-    .bind(m.caller.as_deref().unwrap_or(""))
-    .bind(&m.filename)
-    .bind(&m.purpose)
-    .bind(m.bytes)
-    .bind(m.created_at)
-    .bind(&f.content)
-    .execute(&mut *conn)
-    .await?;
+    )?
+    .execute(params![
+        m.id,
+        m.caller.as_deref().unwrap_or(""),
+        m.filename,
+        m.purpose,
+        m.bytes,
+        m.created_at,
+        f.content
+    ])?;
     Ok(())
 }
 
 #[async_trait]
 impl BatchStore for SqliteStore {
     async fn insert_file(&self, file: &NewFile) -> StoreResult<()> {
-        let mut conn = self.writer.lock().await;
-        insert_file(&mut conn, file).await
+        let file = file.clone();
+        self.writer
+            .write(move |conn| insert_file(conn, &file))
+            .await
     }
 
     async fn get_file(&self, id: &str) -> StoreResult<Option<StoredFile>> {
@@ -95,47 +96,54 @@ impl BatchStore for SqliteStore {
     }
 
     async fn delete_file(&self, id: &str) -> StoreResult<bool> {
-        let mut conn = self.writer.lock().await;
-        let done = sqlx::query("DELETE FROM files WHERE id = ?1")
-            .bind(id)
-            .execute(&mut *conn)
-            .await?;
-        Ok(done.rows_affected() == 1)
+        let id = id.to_owned();
+        self.writer
+            .write(move |conn| {
+                let done = conn
+                    .prepare_cached("DELETE FROM files WHERE id = ?1")?
+                    .execute(params![id])?;
+                Ok(done == 1)
+            })
+            .await
     }
 
     async fn insert_batch(&self, b: &Batch) -> StoreResult<()> {
-        let mut conn = self.writer.lock().await;
-        sqlx::query(concat!(
-            "INSERT INTO batches (",
-            batch_columns!(),
-            ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, \
-             ?17, ?18, ?19, ?20, ?21, ?22)"
-        ))
-        .bind(&b.id)
-        .bind(b.caller.as_deref().unwrap_or(""))
-        .bind(b.status.as_str())
-        .bind(&b.endpoint)
-        .bind(&b.input_file_id)
-        .bind(&b.completion_window)
-        .bind(&b.metadata)
-        .bind(errors_json(&b.errors))
-        .bind(b.total)
-        .bind(b.completed)
-        .bind(b.failed)
-        .bind(&b.output_file_id)
-        .bind(&b.error_file_id)
-        .bind(b.created_at)
-        .bind(b.expires_at)
-        .bind(b.in_progress_at)
-        .bind(b.finalizing_at)
-        .bind(b.completed_at)
-        .bind(b.failed_at)
-        .bind(b.expired_at)
-        .bind(b.cancelling_at)
-        .bind(b.cancelled_at)
-        .execute(&mut *conn)
-        .await?;
-        Ok(())
+        let b = b.clone();
+        self.writer
+            .write(move |conn| {
+                conn.prepare_cached(concat!(
+                    "INSERT INTO batches (",
+                    batch_columns!(),
+                    ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, \
+                     ?17, ?18, ?19, ?20, ?21, ?22)"
+                ))?
+                .execute(params![
+                    b.id,
+                    b.caller.as_deref().unwrap_or(""),
+                    b.status.as_str(),
+                    b.endpoint,
+                    b.input_file_id,
+                    b.completion_window,
+                    b.metadata,
+                    errors_json(&b.errors),
+                    b.total,
+                    b.completed,
+                    b.failed,
+                    b.output_file_id,
+                    b.error_file_id,
+                    b.created_at,
+                    b.expires_at,
+                    b.in_progress_at,
+                    b.finalizing_at,
+                    b.completed_at,
+                    b.failed_at,
+                    b.expired_at,
+                    b.cancelling_at,
+                    b.cancelled_at,
+                ])?;
+                Ok(())
+            })
+            .await
     }
 
     async fn get_batch(&self, id: &str) -> StoreResult<Option<Batch>> {
@@ -191,63 +199,67 @@ impl BatchStore for SqliteStore {
         at: i64,
     ) -> StoreResult<bool> {
         let from = serde_json::to_string(&from).unwrap_or_else(|_| "[]".into());
-        let mut conn = self.writer.lock().await;
-        let done = sqlx::query(concat!(
-            "UPDATE batches SET ",
-            set_status!(),
-            " WHERE id = ?3 AND status IN (SELECT value FROM json_each(?4))"
-        ))
-        .bind(to.as_str())
-        .bind(at)
-        .bind(id)
-        .bind(from)
-        .execute(&mut *conn)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        let id = id.to_owned();
+        self.writer
+            .write(move |conn| {
+                let done = conn
+                    .prepare_cached(concat!(
+                        "UPDATE batches SET ",
+                        set_status!(),
+                        " WHERE id = ?3 AND status IN (SELECT value FROM json_each(?4))"
+                    ))?
+                    .execute(params![to.as_str(), at, id, from])?;
+                Ok(done == 1)
+            })
+            .await
     }
 
     async fn fail_validation(&self, id: &str, errors: &[LineError], at: i64) -> StoreResult<bool> {
-        let mut conn = self.writer.lock().await;
-        let done = sqlx::query(
-            "UPDATE batches SET status = 'failed', failed_at = ?1, errors = ?2 \
-             WHERE id = ?3 AND status = 'validating'",
-        )
-        .bind(at)
-        .bind(errors_json(errors))
-        .bind(id)
-        .execute(&mut *conn)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        let (id, errors) = (id.to_owned(), errors_json(errors));
+        self.writer
+            .write(move |conn| {
+                let done = conn
+                    .prepare_cached(
+                        "UPDATE batches SET status = 'failed', failed_at = ?1, errors = ?2 \
+                         WHERE id = ?3 AND status = 'validating'",
+                    )?
+                    .execute(params![at, errors, id])?;
+                Ok(done == 1)
+            })
+            .await
     }
 
     async fn end_batch(&self, id: &str, end: &BatchEnd) -> StoreResult<bool> {
-        let mut conn = self.writer.lock().await;
-        let mut tx = conn.begin().await?;
-        let done = sqlx::query(concat!(
-            "UPDATE batches SET ",
-            set_status!(),
-            ", completed = ?3, failed = ?4, output_file_id = ?5, error_file_id = ?6 \
-             WHERE id = ?7 AND status = ?8"
-        ))
-        .bind(end.to.as_str())
-        .bind(end.at)
-        .bind(end.completed)
-        .bind(end.failed)
-        .bind(end.output.as_ref().map(|f| &f.meta.id))
-        .bind(end.error.as_ref().map(|f| &f.meta.id))
-        .bind(id)
-        .bind(end.from.as_str())
-        .execute(&mut *tx)
-        .await?;
-        if done.rows_affected() != 1 {
-            // Someone else ended it (or it moved on): write nothing.
-            return Ok(false);
-        }
-        for f in end.output.iter().chain(end.error.iter()) {
-            insert_file(&mut tx, f).await?;
-        }
-        tx.commit().await?;
-        Ok(true)
+        let (id, end) = (id.to_owned(), end.clone());
+        self.writer
+            .write(move |conn| {
+                let done = conn
+                    .prepare_cached(concat!(
+                        "UPDATE batches SET ",
+                        set_status!(),
+                        ", completed = ?3, failed = ?4, output_file_id = ?5, error_file_id = ?6 \
+                         WHERE id = ?7 AND status = ?8"
+                    ))?
+                    .execute(params![
+                        end.to.as_str(),
+                        end.at,
+                        end.completed,
+                        end.failed,
+                        end.output.as_ref().map(|f| &f.meta.id),
+                        end.error.as_ref().map(|f| &f.meta.id),
+                        id,
+                        end.from.as_str()
+                    ])?;
+                if done != 1 {
+                    // Someone else ended it (or it moved on): write nothing.
+                    return Ok(false);
+                }
+                for f in end.output.iter().chain(end.error.iter()) {
+                    insert_file(conn, f)?;
+                }
+                Ok(true)
+            })
+            .await
     }
 
     async fn job_counts(&self, batch_id: &str) -> StoreResult<JobCounts> {
@@ -282,44 +294,38 @@ impl BatchStore for SqliteStore {
         running: bool,
         at: i64,
     ) -> StoreResult<Vec<Job>> {
-        let mut conn = self.writer.lock().await;
-        let mut tx = conn.begin().await?;
-        let rows: Vec<JobRow> = sqlx::query_as(concat!(
-            "SELECT ",
-            job_columns!(),
-            " FROM jobs WHERE batch_id = ?1 AND (status = 'queued' OR (?2 AND status = 'running'))"
-        ))
-        .bind(batch_id)
-        .bind(running)
-        .fetch_all(&mut *tx)
-        .await?;
-        let jobs = rows
-            .into_iter()
-            .map(Job::try_from)
-            .collect::<StoreResult<Vec<Job>>>()?;
-        for job in &jobs {
-            sqlx::query(
-                "UPDATE jobs SET status = 'cancelled', finished_at = ?1, status_code = ?2, error = ?3, \
-                 lease_owner = NULL, lease_expires_at = NULL WHERE id = ?4",
-            )
-            .bind(at)
-            .bind(i64::from(error.status))
-            .bind(error_json(error))
-            .bind(&job.id)
-            .execute(&mut *tx)
-            .await?;
-            if job.status == JobStatus::Running {
-                sqlx::query(
-                    "UPDATE attempts SET outcome = 'cancelled', finished_at = ?1 \
-                     WHERE job_id = ?2 AND outcome = 'running'",
-                )
-                .bind(at)
-                .bind(&job.id)
-                .execute(&mut *tx)
-                .await?;
-            }
-        }
-        tx.commit().await?;
-        Ok(jobs)
+        let (batch_id, status, error) = (
+            batch_id.to_owned(),
+            i64::from(error.status),
+            error_json(error),
+        );
+        self.writer
+            .write(move |conn| {
+                let jobs = conn
+                    .prepare_cached(concat!(
+                        "SELECT ",
+                        job_columns!(),
+                        " FROM jobs WHERE batch_id = ?1 AND (status = 'queued' OR (?2 AND status = 'running'))"
+                    ))?
+                    .query_map(params![batch_id, running], JobRow::from_sqlite)?
+                    .map(|row| Job::try_from(row?))
+                    .collect::<StoreResult<Vec<Job>>>()?;
+                for job in &jobs {
+                    conn.prepare_cached(
+                        "UPDATE jobs SET status = 'cancelled', finished_at = ?1, status_code = ?2, error = ?3, \
+                         lease_owner = NULL, lease_expires_at = NULL WHERE id = ?4",
+                    )?
+                    .execute(params![at, status, error, job.id])?;
+                    if job.status == JobStatus::Running {
+                        conn.prepare_cached(
+                            "UPDATE attempts SET outcome = 'cancelled', finished_at = ?1 \
+                             WHERE job_id = ?2 AND outcome = 'running'",
+                        )?
+                        .execute(params![at, job.id])?;
+                    }
+                }
+                Ok(jobs)
+            })
+            .await
     }
 }

@@ -1,0 +1,272 @@
+//! The SQLite write path: one thread owns the only writing connection and runs every write
+//! the store asks for, each as a closure over that connection.
+//!
+//! Why a thread of our own: through sqlx every statement is a hand-off to the connection's
+//! thread and back (two context switches), and a lease or a finish is several statements.
+//! Here a whole write is one hand-off, and its statements run back to back on prepared,
+//! cached statements.
+//!
+//! Group commit: writes that arrive while the thread is busy are committed together in one
+//! transaction, each in its own savepoint so that a failing write rolls back alone. Nobody
+//! hears of a write until the commit that holds it has returned, so "committed before the
+//! handler waits" holds as before.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::Path;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags};
+use tokio::sync::oneshot;
+
+use crate::config::SqliteSync;
+use crate::queue::{StoreError, StoreResult};
+
+/// The most writes one transaction holds: bounds the time a commit keeps the rest waiting.
+const MAX_GROUP: usize = 256;
+
+/// A write as the thread sees it: runs on the connection (or is told why it cannot) and
+/// says whether it worked; the returned closure is told how the commit went and answers
+/// the caller.
+type Op = Box<dyn FnOnce(Result<&Connection, &str>) -> (bool, Settle) + Send>;
+type Settle = Box<dyn FnOnce(Result<(), &str>) + Send>;
+
+pub(crate) struct Writer {
+    ops: Option<mpsc::Sender<Op>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Writer {
+    /// Opens the writing connection (read-only when `read_only`: any write then fails) and
+    /// starts its thread.
+    pub(crate) fn open(path: &Path, sync: SqliteSync, read_only: bool) -> StoreResult<Self> {
+        let flags = if read_only {
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        } else {
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        };
+        let open_error = |e: rusqlite::Error| {
+            StoreError::Open(format!(
+                "cannot open SQLite database {}: {e}",
+                path.display()
+            ))
+        };
+        let conn = Connection::open_with_flags(path, flags).map_err(open_error)?;
+        conn.busy_timeout(Duration::from_secs(10))
+            .map_err(open_error)?;
+        let sync = match sync {
+            SqliteSync::Normal => "NORMAL",
+            SqliteSync::Full => "FULL",
+        };
+        if !read_only {
+            conn.execute_batch(&format!(
+                "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA foreign_keys = OFF;"
+            ))
+            .map_err(open_error)?;
+        }
+        // Every statement of the store stays prepared (there are a few dozen).
+        conn.set_prepared_statement_cache_capacity(128);
+        let (ops, queue) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || run(conn, queue))
+            .map_err(|e| StoreError::Open(format!("cannot start the SQLite writer: {e}")))?;
+        Ok(Self {
+            ops: Some(ops),
+            thread: Some(thread),
+        })
+    }
+
+    /// Runs `f` on the writing connection inside a transaction and returns its result once
+    /// that transaction is committed. An error from `f` rolls back what `f` wrote, and only
+    /// that. `f` reads the clock itself if it needs "now": it may wait for other writes.
+    pub(crate) async fn write<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+    {
+        let (answer, answered) = oneshot::channel();
+        let op: Op = Box::new(move |conn| {
+            let result = match conn {
+                Ok(conn) => catch_unwind(AssertUnwindSafe(|| f(conn)))
+                    .unwrap_or_else(|_| Err(StoreError::Write("a database write panicked".into()))),
+                Err(why) => Err(StoreError::Write(why.to_owned())),
+            };
+            let ok = result.is_ok();
+            let settle: Settle = Box::new(move |commit| {
+                let result = match commit {
+                    Ok(()) => result,
+                    Err(why) => result.and(Err(StoreError::Write(why.to_owned()))),
+                };
+                let _ = answer.send(result);
+            });
+            (ok, settle)
+        });
+        self.ops
+            .as_ref()
+            .ok_or(StoreError::WriterGone)?
+            .send(op)
+            .map_err(|_| StoreError::WriterGone)?;
+        answered.await.map_err(|_| StoreError::WriterGone)?
+    }
+}
+
+impl Drop for Writer {
+    /// Stops the thread after the writes already sent, and waits for it: the connection is
+    /// closed when the store is gone (a restart in the same process opens the file again).
+    fn drop(&mut self) {
+        drop(self.ops.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn run(conn: Connection, queue: mpsc::Receiver<Op>) {
+    while let Ok(first) = queue.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match queue.try_recv() {
+                Ok(op) => group.push(op),
+                Err(_) => break,
+            }
+        }
+        commit_group(&conn, group);
+    }
+}
+
+/// One transaction for the group, each write in a savepoint of its own.
+fn commit_group(conn: &Connection, group: Vec<Op>) {
+    let mut settles = Vec::with_capacity(group.len());
+    // Set once the transaction can no longer be trusted: the rest do not run, and
+    // everything is rolled back.
+    let mut broken = exec(conn, "BEGIN IMMEDIATE").err().map(|e| e.to_string());
+    let began = broken.is_none();
+    for op in group {
+        if broken.is_none() {
+            broken = exec(conn, "SAVEPOINT w").err().map(|e| e.to_string());
+        }
+        if let Some(why) = &broken {
+            settles.push(op(Err(why)).1);
+            continue;
+        }
+        let (ok, settle) = op(Ok(conn));
+        let end = if ok {
+            exec(conn, "RELEASE w")
+        } else {
+            exec(conn, "ROLLBACK TO w").and_then(|()| exec(conn, "RELEASE w"))
+        };
+        broken = end.err().map(|e| e.to_string());
+        settles.push(settle);
+    }
+    if broken.is_none() {
+        broken = exec(conn, "COMMIT").err().map(|e| e.to_string());
+    }
+    if began && broken.is_some() {
+        let _ = exec(conn, "ROLLBACK");
+    }
+    let commit = broken.as_deref().map_or(Ok(()), Err);
+    for settle in settles {
+        settle(commit);
+    }
+}
+
+fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([])?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::StoreError;
+
+    fn open(dir: &tempfile::TempDir) -> Writer {
+        Writer::open(&dir.path().join("w.db"), SqliteSync::Normal, false).unwrap()
+    }
+
+    async fn count(w: &Writer) -> i64 {
+        w.write(|c| Ok(c.query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0))?))
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_write_in_a_group_rolls_back_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = open(&dir);
+        w.write(|c| Ok(c.execute_batch("CREATE TABLE t (n INTEGER PRIMARY KEY)")?))
+            .await
+            .unwrap();
+        // Many writes at once so that they share transactions; every third one inserts
+        // its row and then fails (or panics), which must leave no trace of it.
+        let results = futures::future::join_all((0..300i64).map(|n| {
+            w.write(move |c| {
+                c.execute("INSERT INTO t (n) VALUES (?1)", [n])?;
+                match n % 3 {
+                    0 => Err(StoreError::Corrupt(format!("write {n} fails"))),
+                    1 if n % 9 == 1 => panic!("write {n} panics"),
+                    _ => Ok(n),
+                }
+            })
+        }))
+        .await;
+        let mut kept = 0;
+        for (n, r) in results.iter().enumerate() {
+            match (n % 3, r) {
+                (0, Err(StoreError::Corrupt(_))) => {}
+                (1, Err(StoreError::Write(why))) if n % 9 == 1 => assert!(why.contains("panicked")),
+                (_, Ok(v)) => {
+                    assert_eq!(*v, n as i64);
+                    kept += 1;
+                }
+                other => panic!("write {n}: unexpected {other:?}"),
+            }
+        }
+        assert_eq!(count(&w).await, kept);
+        let none_failed: i64 = w
+            .write(|c| Ok(c.query_row("SELECT COUNT(*) FROM t WHERE n % 3 = 0", [], |r| r.get(0))?))
+            .await
+            .unwrap();
+        assert_eq!(none_failed, 0);
+    }
+
+    #[tokio::test]
+    async fn writes_are_committed_when_answered_and_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let w = open(&dir);
+            w.write(|c| {
+                c.execute_batch(
+                    "CREATE TABLE t (n INTEGER PRIMARY KEY); INSERT INTO t VALUES (1)",
+                )?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+            // Another connection sees it at once: the answer came after the commit.
+            let other = Connection::open(dir.path().join("w.db")).unwrap();
+            let n: i64 = other
+                .query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(n, 1);
+        }
+        let w = open(&dir);
+        assert_eq!(count(&w).await, 1);
+    }
+
+    #[tokio::test]
+    async fn a_read_only_writer_refuses_writes_with_a_database_error() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(open(&dir));
+        let w = Writer::open(&dir.path().join("w.db"), SqliteSync::Normal, true).unwrap();
+        let err = w
+            .write(|c| Ok(c.execute_batch("CREATE TABLE t (n INTEGER)")?))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().starts_with("database error"), "{err}");
+    }
+}

@@ -49,6 +49,11 @@ enum MetricsCommand {
     },
 }
 
+/// See Cargo.toml: the request path is allocation-heavy, and glibc malloc was a sixth of
+/// the gateway's CPU under load.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let settings = match Settings::from_env() {

@@ -38,6 +38,13 @@ struct Args {
     /// Skip the slow parts (lease with a full queue, burst).
     #[arg(long)]
     quick: bool,
+    /// Client concurrencies to measure (comma-separated), e.g. `--concurrency 64` to
+    /// profile one cell.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 64, 256])]
+    concurrency: Vec<usize>,
+    /// Upstream latencies to measure, in ms (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = [0u64, 200])]
+    latency: Vec<u64>,
 }
 
 #[derive(Clone, Copy)]
@@ -73,9 +80,9 @@ async fn main() {
     };
 
     let mut rows = Vec::new();
-    for latency_ms in [0u64, 200] {
+    for &latency_ms in &args.latency {
         let upstream = format!("http://{}", fake::start(Duration::from_millis(latency_ms)));
-        for &concurrency in &[1usize, 64, 256] {
+        for &concurrency in &args.concurrency {
             let http = load::client(concurrency);
             let direct_url = format!("{upstream}/v1/chat/completions");
             let _ = load::run(&http, &direct_url, concurrency, Duration::from_secs(1)).await;

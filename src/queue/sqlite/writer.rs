@@ -10,10 +10,18 @@
 //! transaction, each in its own savepoint so that a failing write rolls back alone. Nobody
 //! hears of a write until the commit that holds it has returned, so "committed before the
 //! handler waits" holds as before.
+//!
+//! Inline writes: when no other write is under way and commits do not fsync
+//! (`synchronous=NORMAL`, where a commit is a few WAL `write`s), the caller runs its write
+//! itself, on its own thread: at low load a hand-off to the writer thread and back costs
+//! more (two context switches) than the write. Under load writes go to the thread, where
+//! they share commits. Checkpoints, which do fsync, then run on
+//! the writer thread (automatic checkpoints are off on this connection).
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError, mpsc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -32,9 +40,22 @@ const MAX_GROUP: usize = 256;
 type Op = Box<dyn FnOnce(Result<&Connection, &str>) -> (bool, Settle) + Send>;
 type Settle = Box<dyn FnOnce(Result<(), &str>) + Send>;
 
+/// How long the writer thread waits for work before it checkpoints what was committed.
+const CHECKPOINT_WHEN_IDLE: Duration = Duration::from_millis(100);
+/// Under steady load, checkpoint after this many commits (SQLite's own default is every
+/// 1,000 WAL pages; a commit here writes a handful).
+const CHECKPOINT_AFTER_COMMITS: u64 = 300;
+
 pub(crate) struct Writer {
+    conn: Arc<Mutex<Connection>>,
     ops: Option<mpsc::Sender<Op>>,
     thread: Option<JoinHandle<()>>,
+    /// Writes may run on the caller's thread (commits do not fsync).
+    inline: bool,
+    /// Commits since the last checkpoint.
+    commits: Arc<AtomicU64>,
+    /// Writes asked for and not yet answered.
+    in_flight: AtomicUsize,
 }
 
 impl Writer {
@@ -61,22 +82,34 @@ impl Writer {
             SqliteSync::Normal => "NORMAL",
             SqliteSync::Full => "FULL",
         };
+        let inline = !read_only && sync == "NORMAL";
         if !read_only {
+            // The writer thread checkpoints (see the module comment).
             conn.execute_batch(&format!(
-                "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA foreign_keys = OFF;"
+                "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA foreign_keys = OFF; \
+                 PRAGMA wal_autocheckpoint = 0;"
             ))
             .map_err(open_error)?;
         }
         // Every statement of the store stays prepared (there are a few dozen).
         conn.set_prepared_statement_cache_capacity(128);
+        let conn = Arc::new(Mutex::new(conn));
+        let commits = Arc::new(AtomicU64::new(0));
         let (ops, queue) = mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name("sqlite-writer".into())
-            .spawn(move || run(conn, queue))
-            .map_err(|e| StoreError::Open(format!("cannot start the SQLite writer: {e}")))?;
+        let thread = {
+            let (conn, commits) = (conn.clone(), commits.clone());
+            std::thread::Builder::new()
+                .name("sqlite-writer".into())
+                .spawn(move || run(&conn, &queue, &commits, !read_only))
+                .map_err(|e| StoreError::Open(format!("cannot start the SQLite writer: {e}")))?
+        };
         Ok(Self {
+            conn,
             ops: Some(ops),
             thread: Some(thread),
+            inline,
+            commits,
+            in_flight: AtomicUsize::new(0),
         })
     }
 
@@ -88,6 +121,26 @@ impl Writer {
         T: Send + 'static,
         F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
     {
+        let alone = self.in_flight.fetch_add(1, Ordering::AcqRel) == 0;
+        let _in_flight = InFlight(&self.in_flight);
+        if self.inline && alone {
+            let conn = match self.conn.try_lock() {
+                Ok(conn) => Some(conn),
+                Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+                Err(TryLockError::WouldBlock) => None,
+            };
+            if let Some(conn) = conn {
+                let result = write_alone(&conn, f);
+                drop(conn);
+                if self.commits.fetch_add(1, Ordering::AcqRel) + 1 == CHECKPOINT_AFTER_COMMITS {
+                    // Nothing to run: the thread checkpoints after any op it is sent.
+                    if let Some(ops) = &self.ops {
+                        let _ = ops.send(Box::new(|_| (true, Box::new(|_| {}))));
+                    }
+                }
+                return result;
+            }
+        }
         let (answer, answered) = oneshot::channel();
         let op: Op = Box::new(move |conn| {
             let result = match conn {
@@ -114,6 +167,15 @@ impl Writer {
     }
 }
 
+/// Counts a write as under way until its caller has the answer (or gave up waiting).
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 impl Drop for Writer {
     /// Stops the thread after the writes already sent, and waits for it: the connection is
     /// closed when the store is gone (a restart in the same process opens the file again).
@@ -125,17 +187,57 @@ impl Drop for Writer {
     }
 }
 
-fn run(conn: Connection, queue: mpsc::Receiver<Op>) {
-    while let Ok(first) = queue.recv() {
-        let mut group = vec![first];
-        while group.len() < MAX_GROUP {
-            match queue.try_recv() {
-                Ok(op) => group.push(op),
-                Err(_) => break,
+fn run(conn: &Mutex<Connection>, queue: &mpsc::Receiver<Op>, commits: &AtomicU64, writable: bool) {
+    loop {
+        let first = match queue.recv_timeout(CHECKPOINT_WHEN_IDLE) {
+            Ok(op) => Some(op),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
+        let conn = lock(conn);
+        let idle = first.is_none();
+        if let Some(first) = first {
+            let mut group = vec![first];
+            while group.len() < MAX_GROUP {
+                match queue.try_recv() {
+                    Ok(op) => group.push(op),
+                    Err(_) => break,
+                }
+            }
+            commit_group(&conn, group);
+            commits.fetch_add(1, Ordering::AcqRel);
+        }
+        let pending = commits.load(Ordering::Acquire);
+        if writable && pending > 0 && (idle || pending >= CHECKPOINT_AFTER_COMMITS) {
+            commits.store(0, Ordering::Release);
+            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                tracing::warn!(error = %e, "SQLite checkpoint failed; retrying later");
             }
         }
-        commit_group(&conn, group);
     }
+}
+
+fn lock(conn: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
+    conn.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A write run by its caller: its own transaction.
+fn write_alone<T>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> StoreResult<T>,
+) -> StoreResult<T> {
+    exec(conn, "BEGIN IMMEDIATE")?;
+    let result = catch_unwind(AssertUnwindSafe(|| f(conn)))
+        .unwrap_or_else(|_| Err(StoreError::Write("a database write panicked".into())));
+    let end = match &result {
+        Ok(_) => exec(conn, "COMMIT"),
+        Err(_) => exec(conn, "ROLLBACK"),
+    };
+    if let Err(e) = end {
+        let _ = exec(conn, "ROLLBACK");
+        return result.and(Err(StoreError::Write(e.to_string())));
+    }
+    result
 }
 
 /// One transaction for the group, each write in a savepoint of its own.
@@ -188,6 +290,13 @@ mod tests {
         Writer::open(&dir.path().join("w.db"), SqliteSync::Normal, false).unwrap()
     }
 
+    /// `synchronous=FULL` turns inline writes off: every write goes through the thread.
+    fn open_threaded(dir: &tempfile::TempDir) -> Writer {
+        let w = Writer::open(&dir.path().join("w.db"), SqliteSync::Full, false).unwrap();
+        assert!(!w.inline);
+        w
+    }
+
     async fn count(w: &Writer) -> i64 {
         w.write(|c| Ok(c.query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0))?))
             .await
@@ -197,7 +306,18 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failing_write_in_a_group_rolls_back_alone() {
         let dir = tempfile::tempdir().unwrap();
+        failing_writes_leave_no_trace(&open_threaded(&dir)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_inline_write_rolls_back() {
+        let dir = tempfile::tempdir().unwrap();
         let w = open(&dir);
+        assert!(w.inline);
+        failing_writes_leave_no_trace(&w).await;
+    }
+
+    async fn failing_writes_leave_no_trace(w: &Writer) {
         w.write(|c| Ok(c.execute_batch("CREATE TABLE t (n INTEGER PRIMARY KEY)")?))
             .await
             .unwrap();
@@ -226,7 +346,7 @@ mod tests {
                 other => panic!("write {n}: unexpected {other:?}"),
             }
         }
-        assert_eq!(count(&w).await, kept);
+        assert_eq!(count(w).await, kept);
         let none_failed: i64 = w
             .write(|c| Ok(c.query_row("SELECT COUNT(*) FROM t WHERE n % 3 = 0", [], |r| r.get(0))?))
             .await

@@ -21,6 +21,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::queue::{Job, JobStatus, QueueStore, StoreResult};
 
+/// How long the writer waits for more lines after the first of a batch: every batch is a
+/// file sync and a database write, and under load many small batches cost CPU that the
+/// request path needs. A flush, a sweep or a close ends the wait at once.
+const LINGER: Duration = Duration::from_millis(50);
 /// How often the writer looks for finished jobs without a line.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 /// A job this instance finished is swept only this long after its finish: by then its
@@ -98,6 +102,13 @@ enum Msg {
         older_than: Duration,
         done: oneshot::Sender<usize>,
     },
+}
+
+impl Msg {
+    /// A finished job's line may wait for company; everything else is waited on.
+    fn can_wait(&self) -> bool {
+        matches!(self, Msg::Finished { .. })
+    }
 }
 
 pub struct JsonlWriter {
@@ -201,10 +212,21 @@ impl Task {
                 return;
             };
             let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(m) => batch.push(m),
-                    Err(_) => break,
+            let linger_until = tokio::time::Instant::now() + LINGER;
+            while batch.len() < MAX_BATCH && batch.iter().all(Msg::can_wait) {
+                let next = match rx.try_recv() {
+                    Ok(m) => Some(m),
+                    Err(mpsc::error::TryRecvError::Disconnected) => None,
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        tokio::time::timeout_at(linger_until, rx.recv())
+                            .await
+                            .ok()
+                            .flatten()
+                    }
+                };
+                match next {
+                    Some(m) => batch.push(m),
+                    None => break,
                 }
             }
             for msg in batch {

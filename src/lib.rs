@@ -125,6 +125,7 @@ impl App {
             abort_calls: CancellationToken::new(),
             tracker: TaskTracker::new(),
             batch_nudge: tokio::sync::Notify::new(),
+            slots: Mutex::new(Default::default()),
         });
         worker::refresh(&shared).await;
         shared

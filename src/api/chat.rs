@@ -149,10 +149,9 @@ async fn accept(
     // Count upstream time from the start, for the overhead of a request that waits.
     let tally = (!stream && !run_async).then(|| shared.telemetry.track_wait(&id));
     let stream_rx = stream.then(|| shared.streams.open(&id));
-    let job_id = match shared.store.insert_job(&new).await {
+    let job_id = match crate::worker::insert_and_start(shared, &new).await {
         Ok(Inserted::New) => {
             shared.telemetry.accepted(1);
-            shared.signals.wake_pool(&new.chain[hop]);
             tracing::debug!(job_id = %id, task = %new.task, provider = %new.chain[hop], stream, "job accepted");
             id
         }

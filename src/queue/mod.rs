@@ -77,6 +77,23 @@ pub trait QueueStore: Send + Sync + 'static {
     /// Inserts a job, or returns the existing one when `(caller, idempotency_key)` repeats.
     async fn insert_job(&self, job: &NewJob) -> StoreResult<Inserted>;
 
+    /// Inserts a job and, when it is new, runs `lease` right after, for a caller that has a
+    /// free call slot at hand (accept and lease in one go). The lease is the ordinary one:
+    /// it may pick an older job than this one, or none. Backends that can do both in one
+    /// transaction do (one commit instead of two); the default does one after the other.
+    async fn insert_and_lease(
+        &self,
+        job: &NewJob,
+        lease: &LeaseRequest,
+    ) -> StoreResult<(Inserted, Lease)> {
+        let inserted = self.insert_job(job).await?;
+        let leased = match inserted {
+            Inserted::New => self.lease(lease).await?,
+            Inserted::Existing(_) => Lease::default(),
+        };
+        Ok((inserted, leased))
+    }
+
     /// Inserts many jobs in one transaction (batch lines). Idempotency keys are not used.
     async fn insert_jobs(&self, jobs: &[NewJob]) -> StoreResult<()>;
 

@@ -208,21 +208,24 @@ impl QueueStore for SqliteStore {
     async fn insert_job(&self, job: &NewJob) -> StoreResult<Inserted> {
         let job = job.clone();
         self.writer
+            .write(move |conn| insert_or_find(conn, &job))
+            .await
+    }
+
+    async fn insert_and_lease(
+        &self,
+        job: &NewJob,
+        req: &LeaseRequest,
+    ) -> StoreResult<(Inserted, Lease)> {
+        let (job, req) = (job.clone(), req.clone());
+        self.writer
             .write(move |conn| {
-                if insert(conn, &job)? {
-                    return Ok(Inserted::New);
-                }
-                let row = conn
-                    .prepare_cached(concat!(
-                        "SELECT ",
-                        job_columns!(),
-                        " FROM jobs WHERE caller = ?1 AND idempotency_key = ?2"
-                    ))?
-                    .query_row(
-                        params![job.caller.as_deref().unwrap_or(""), job.idempotency_key],
-                        JobRow::from_sqlite,
-                    )?;
-                Ok(Inserted::Existing(Box::new(row.try_into()?)))
+                let inserted = insert_or_find(conn, &job)?;
+                let leased = match inserted {
+                    Inserted::New => lease(conn, &req)?,
+                    Inserted::Existing(_) => Lease::default(),
+                };
+                Ok((inserted, leased))
             })
             .await
     }
@@ -519,6 +522,24 @@ impl QueueStore for SqliteStore {
             })
             .await
     }
+}
+
+/// Inserts the job, or finds the one its idempotency key already names.
+fn insert_or_find(conn: &WriteConn, job: &NewJob) -> StoreResult<Inserted> {
+    if insert(conn, job)? {
+        return Ok(Inserted::New);
+    }
+    let row = conn
+        .prepare_cached(concat!(
+            "SELECT ",
+            job_columns!(),
+            " FROM jobs WHERE caller = ?1 AND idempotency_key = ?2"
+        ))?
+        .query_row(
+            params![job.caller.as_deref().unwrap_or(""), job.idempotency_key],
+            JobRow::from_sqlite,
+        )?;
+    Ok(Inserted::Existing(Box::new(row.try_into()?)))
 }
 
 fn insert(conn: &WriteConn, job: &NewJob) -> StoreResult<bool> {

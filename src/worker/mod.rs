@@ -5,6 +5,7 @@
 
 pub mod batches;
 mod call;
+mod direct;
 pub mod policy;
 mod pool;
 mod reroute;
@@ -22,6 +23,7 @@ use crate::config::{Config, Settings};
 use crate::providers::Providers;
 use crate::queue::{ProviderState, QueueStore, Signals};
 use crate::telemetry::Telemetry;
+pub use direct::insert_and_start;
 pub use rescuer::refresh;
 pub use streams::{StreamEvent, StreamHub};
 
@@ -44,9 +46,21 @@ pub struct Shared {
     pub tracker: TaskTracker,
     /// Wakes the batch finalizer (a batch line finished or was cancelled).
     pub batch_nudge: tokio::sync::Notify,
+    /// Per provider: this instance's call slots, shared by its pool and by requests that
+    /// start their call directly (`direct`).
+    pub slots: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
 }
 
 impl Shared {
+    /// The call slots of `provider` on this instance (its `concurrency`).
+    pub fn slots_of(&self, provider: &str, concurrency: u32) -> Arc<tokio::sync::Semaphore> {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots
+            .entry(provider.to_string())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(concurrency as usize)))
+            .clone()
+    }
+
     /// Stops the in-flight call of a job on this instance, if there is one.
     pub fn abort_call(&self, job_id: &str) {
         let running = self.running.lock().unwrap_or_else(|e| e.into_inner());

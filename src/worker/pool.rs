@@ -4,11 +4,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
 use super::{Shared, call, reroute};
-use crate::queue::{Blocked, Budget, LeaseRequest};
+use crate::config::ProviderConfig;
+use crate::providers::Provider;
+use crate::queue::{Blocked, Budget, LeaseRequest, LeasedJob};
 
 /// The safety net: a pool looks at the queue at least this often even with no signal.
 const POLL: Duration = Duration::from_secs(1);
@@ -20,13 +22,7 @@ pub async fn run(shared: Arc<Shared>, name: String) {
     let cfg = provider.config().clone();
     let notify = shared.signals.pool(&name);
     // Local cap: never hold more leases than the global concurrency allows.
-    let slots = Arc::new(Semaphore::new(cfg.concurrency as usize));
-    let budget = Budget {
-        rpm: cfg.rpm,
-        concurrency: cfg.concurrency,
-        tpm: cfg.tpm,
-    };
-    let lease_ms = i64::try_from(shared.settings.lease.as_millis()).unwrap_or(30_000);
+    let slots = shared.slots_of(&name, cfg.concurrency);
     tracing::debug!(provider = %name, "pool started");
 
     let wants_capacity = shared.signals.capacity_flag(&name);
@@ -38,14 +34,7 @@ pub async fn run(shared: Arc<Shared>, name: String) {
             nap(&notify, &shared.stop_leasing, POLL, true).await;
             continue;
         }
-        let req = LeaseRequest {
-            provider: name.clone(),
-            model: cfg.model.clone(),
-            instance: shared.settings.instance_id.clone(),
-            lease_ms,
-            max_jobs: u32::try_from(free).unwrap_or(u32::MAX),
-            budget,
-        };
+        let req = lease_request(&shared, &name, &cfg, free);
         let lease = match shared.store.lease(&req).await {
             Ok(l) => l,
             Err(e) => {
@@ -61,12 +50,7 @@ pub async fn run(shared: Arc<Shared>, name: String) {
                     tracing::error!(job_id = %leased.job.id, "no free slot for a leased job");
                     continue;
                 };
-                let shared2 = shared.clone();
-                let provider = provider.clone();
-                shared.tracker.spawn(async move {
-                    call::run(shared2, provider, leased).await;
-                    drop(permit);
-                });
+                start_call(&shared, &provider, leased, permit);
             }
             continue;
         }
@@ -97,6 +81,42 @@ pub async fn run(shared: Arc<Shared>, name: String) {
         }
     }
     tracing::debug!(provider = %name, "pool stopped leasing");
+}
+
+/// What a lease of `provider` asks for, with room for `free` jobs.
+pub(super) fn lease_request(
+    shared: &Shared,
+    name: &str,
+    cfg: &ProviderConfig,
+    free: usize,
+) -> LeaseRequest {
+    LeaseRequest {
+        provider: name.to_string(),
+        model: cfg.model.clone(),
+        instance: shared.settings.instance_id.clone(),
+        lease_ms: i64::try_from(shared.settings.lease.as_millis()).unwrap_or(30_000),
+        max_jobs: u32::try_from(free).unwrap_or(u32::MAX),
+        budget: Budget {
+            rpm: cfg.rpm,
+            concurrency: cfg.concurrency,
+            tpm: cfg.tpm,
+        },
+    }
+}
+
+/// Runs a leased job's call in the background; the slot is freed when it ends.
+pub(super) fn start_call(
+    shared: &Arc<Shared>,
+    provider: &Arc<dyn Provider>,
+    leased: LeasedJob,
+    slot: OwnedSemaphorePermit,
+) {
+    let shared2 = shared.clone();
+    let provider = provider.clone();
+    shared.tracker.spawn(async move {
+        call::run(shared2, provider, leased).await;
+        drop(slot);
+    });
 }
 
 async fn nap(notify: &Notify, stop: &CancellationToken, dur: Duration, wake_on_signal: bool) {

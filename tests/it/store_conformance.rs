@@ -61,6 +61,7 @@ conformance!(
     insert_and_get,
     idempotent_insert,
     insert_many,
+    insert_and_lease_in_one_go,
     lease_order_priority_then_run_at,
     pinned_jobs_only_for_their_instance,
     future_jobs_wait_and_report_next_due,
@@ -253,6 +254,59 @@ async fn idempotent_insert(store: Store) {
     insert(&store, job("free2", &["a"], now)).await;
     let depth = store.queue_depths().await.unwrap();
     assert_eq!(depth, vec![("a".to_string(), 5)]);
+}
+
+/// Accept-and-lease: the lease is the ordinary one (older work first, budgets hold), and
+/// a repeated idempotency key leases nothing.
+async fn insert_and_lease_in_one_go(store: Store) {
+    let now = store.now_ms().await.unwrap();
+    let req = lease_req("a", "i1", 1, budget(1000, 2, None));
+    let (inserted, lease) = store
+        .insert_and_lease(&job("new1", &["a"], now), &req)
+        .await
+        .unwrap();
+    assert!(matches!(inserted, Inserted::New));
+    assert_eq!(lease.jobs.len(), 1);
+    let first = &lease.jobs[0];
+    assert_eq!(first.job.id, "new1");
+    assert_eq!(first.job.status, JobStatus::Running);
+    assert_eq!(first.attempt_n, 1);
+    assert_eq!(get(&store, "new1").await.lease_owner.as_deref(), Some("i1"));
+    assert_eq!(store.get_attempts("new1").await.unwrap().len(), 1);
+
+    // An older job waits: the lease takes it, and the new one stays queued.
+    insert(&store, job("old", &["a"], now - 1_000)).await;
+    let (_, lease) = store
+        .insert_and_lease(&job("new2", &["a"], now), &req)
+        .await
+        .unwrap();
+    let ids: Vec<_> = lease.jobs.iter().map(|l| l.job.id.as_str()).collect();
+    assert_eq!(ids, vec!["old"]);
+    assert_eq!(get(&store, "new2").await.status, JobStatus::Queued);
+
+    // Concurrency 2 is used up: the insert holds, the lease says why it took nothing.
+    let (inserted, lease) = store
+        .insert_and_lease(&job("new3", &["a"], now), &req)
+        .await
+        .unwrap();
+    assert!(matches!(inserted, Inserted::New));
+    assert!(lease.jobs.is_empty());
+    assert_eq!(lease.blocked, Some(Blocked::Concurrency));
+    assert_eq!(get(&store, "new3").await.status, JobStatus::Queued);
+
+    // A repeat of an idempotent request returns the first job and leases nothing.
+    let keyed = |id: &str| NewJob {
+        idempotency_key: Some("k".into()),
+        ..job(id, &["b"], now)
+    };
+    insert(&store, keyed("k1")).await;
+    let (inserted, lease) = store
+        .insert_and_lease(&keyed("k2"), &lease_req("b", "i1", 1, ROOMY))
+        .await
+        .unwrap();
+    assert!(matches!(inserted, Inserted::Existing(j) if j.id == "k1"));
+    assert!(lease.jobs.is_empty());
+    assert_eq!(get(&store, "k1").await.status, JobStatus::Queued);
 }
 
 async fn insert_many(store: Store) {

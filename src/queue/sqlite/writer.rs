@@ -105,7 +105,7 @@ where
 const CHECKPOINT_WHEN_IDLE: Duration = Duration::from_millis(100);
 /// Under steady load, checkpoint after this many commits (SQLite's own default is every
 /// 1,000 WAL pages; a commit here writes a handful).
-const CHECKPOINT_AFTER_COMMITS: u64 = 300;
+const CHECKPOINT_AFTER_COMMITS: u64 = 1000;
 
 pub(crate) struct Writer {
     conn: Arc<Mutex<Connection>>,

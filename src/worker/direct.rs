@@ -1,0 +1,55 @@
+//! Accept and lease in one go: a request whose provider has a free call slot on this
+//! instance inserts its job and leases in the same store call (one SQLite transaction),
+//! and starts the call itself, instead of waking the pool to lease in a transaction of
+//! its own. The lease is the pool's ordinary one, so budgets, priorities and order hold:
+//! it may hand back an older job than the request's, or none (the pool then takes over).
+
+use std::sync::Arc;
+
+use super::{Shared, pool};
+use crate::queue::{Inserted, NewJob, StoreResult};
+
+/// Inserts `job` and, when a call slot of its provider is free here, leases and starts
+/// what the queue gives at once. Either way the job is committed when this returns.
+pub async fn insert_and_start(shared: &Arc<Shared>, job: &NewJob) -> StoreResult<Inserted> {
+    let name = &job.chain[job.hop];
+    let slot = shared
+        .providers
+        .get(name)
+        .filter(|_| !shared.stop_leasing.is_cancelled())
+        .and_then(|provider| {
+            let cfg = provider.config();
+            let permit = shared
+                .slots_of(name, cfg.concurrency)
+                .try_acquire_owned()
+                .ok()?;
+            Some((
+                provider.clone(),
+                permit,
+                pool::lease_request(shared, name, cfg, 1),
+            ))
+        });
+    let Some((provider, permit, req)) = slot else {
+        let inserted = shared.store.insert_job(job).await?;
+        if matches!(inserted, Inserted::New) {
+            shared.signals.wake_pool(name);
+        }
+        return Ok(inserted);
+    };
+    let (inserted, lease) = shared.store.insert_and_lease(job, &req).await?;
+    if !matches!(inserted, Inserted::New) {
+        return Ok(inserted);
+    }
+    match lease.jobs.into_iter().next() {
+        Some(leased) => {
+            // Something older went first: this job waits for the pool like any other.
+            if leased.job.id != job.id {
+                shared.signals.wake_pool(name);
+            }
+            pool::start_call(shared, &provider, leased, permit);
+        }
+        // Blocked by a budget, or nothing due: the pool decides what happens next.
+        None => shared.signals.wake_pool(name),
+    }
+    Ok(inserted)
+}

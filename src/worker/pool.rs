@@ -34,6 +34,14 @@ pub async fn run(shared: Arc<Shared>, name: String) {
             nap(&notify, &shared.stop_leasing, POLL, true).await;
             continue;
         }
+        // Hold the slots while leasing: requests that start their own call (`direct`)
+        // take slots too, and a leased job must never find none left.
+        let Ok(mut reserved) = slots
+            .clone()
+            .try_acquire_many_owned(u32::try_from(free).unwrap_or(u32::MAX))
+        else {
+            continue; // taken in between: look again
+        };
         let req = lease_request(&shared, &name, &cfg, free);
         let lease = match shared.store.lease(&req).await {
             Ok(l) => l,
@@ -45,8 +53,10 @@ pub async fn run(shared: Arc<Shared>, name: String) {
         };
         if !lease.jobs.is_empty() {
             for leased in lease.jobs {
-                let Ok(permit) = slots.clone().try_acquire_owned() else {
-                    // Cannot happen (we asked for at most `free`); the lease expires and is rescued.
+                // The lease took at most `free` jobs: a reserved slot is there for each,
+                // and the slots left over are freed when `reserved` drops.
+                let Some(permit) = reserved.split(1) else {
+                    // Cannot happen; the lease expires and the job is rescued.
                     tracing::error!(job_id = %leased.job.id, "no free slot for a leased job");
                     continue;
                 };

@@ -99,3 +99,40 @@ async fn rpm_window_slides_after_sixty_seconds() {
         "the job was not started soon after the window freed"
     );
 }
+
+/// Requests that start their own call and the pool share the call slots: under a steady
+/// stream of requests no leased job may find its slot taken (it would sit `running`
+/// without a call until its lease expired and be run again as a `lost` attempt).
+#[tokio::test]
+async fn requests_and_the_pool_share_call_slots_without_losing_a_lease() {
+    let fake = FakeOpenAi::start().await;
+    fake.set_latency(Duration::from_millis(2));
+    let app = spawn_app(Options::new(
+        openai_provider("up", &fake.base_url(), "rpm = 100000\nconcurrency = 4"),
+        router_yaml(&["up"], ""),
+    ))
+    .await;
+    let clients = (0..24).map(|c| {
+        let app = &app;
+        async move {
+            let mut ids = vec![];
+            for i in 0..15 {
+                let resp = app.chat(user(&format!("client {c} request {i}"))).await;
+                assert_eq!(resp.status(), 200);
+                ids.push(req_id(&resp));
+            }
+            ids
+        }
+    });
+    let ids: Vec<String> = futures::future::join_all(clients)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    assert_eq!(fake.call_count(), ids.len());
+    assert!(fake.max_in_flight() <= 4);
+    for id in &ids {
+        let job = app.job(id).await;
+        assert_eq!(job["attempts"].as_array().map(Vec::len), Some(1), "{job}");
+    }
+}

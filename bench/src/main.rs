@@ -42,6 +42,9 @@ struct Args {
     /// profile one cell.
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 64, 256])]
     concurrency: Vec<usize>,
+    /// Measure Postgres only (with `--postgres`), e.g. to profile it.
+    #[arg(long)]
+    skip_sqlite: bool,
     /// Upstream latencies to measure, in ms (comma-separated).
     #[arg(long, value_delimiter = ',', default_values_t = [0u64, 200])]
     latency: Vec<u64>,
@@ -70,7 +73,10 @@ async fn main() {
     println!("machine: {} cores, {}", cores(), mem_total());
     println!();
 
-    let mut backends: Vec<(&'static str, Option<String>)> = vec![("sqlite", None)];
+    let mut backends: Vec<(&'static str, Option<String>)> = Vec::new();
+    if !args.skip_sqlite {
+        backends.push(("sqlite", None));
+    }
     if let Some(pg) = &args.postgres {
         backends.push(("postgres", Some(pg.clone())));
     }

@@ -72,10 +72,10 @@ impl Gateway {
         let http = reqwest::Client::new();
         let end = Instant::now() + Duration::from_secs(30);
         while Instant::now() < end {
-            if let Ok(r) = http.get(format!("{}/healthz", gw.url)).send().await {
-                if r.status().is_success() {
-                    return gw;
-                }
+            if let Ok(r) = http.get(format!("{}/healthz", gw.url)).send().await
+                && r.status().is_success()
+            {
+                return gw;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -102,8 +102,8 @@ END
 $$;
 
 -- The end of an attempt: the attempt, the job's move (only by the lease holder of that
--- attempt), the news for other instances and the provider's shared state, in the
--- statement's transaction. `p_kind`: 'succeed' | 'fail' | 'requeue'. Returns whether the
+-- attempt) and the provider's shared state, in the statement's transaction (the news
+-- for other instances follow it: see `News` in src/queue/postgres.rs). `p_kind`: 'succeed' | 'fail' | 'requeue'. Returns whether the
 -- job moved (false: it was no longer ours; only the attempt was written).
 CREATE FUNCTION orch_finish(
     p_job_id text, p_attempt_n bigint, p_instance text, p_provider text, p_finished_at bigint,
@@ -114,7 +114,6 @@ CREATE FUNCTION orch_finish(
 ) RETURNS boolean LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     v_id text;
-    v_provider text;
 BEGIN
     IF p_count_tokens AND p_tokens IS NOT NULL THEN
         -- Replace the lease-time estimate by what the call really used, in the bucket of
@@ -134,14 +133,14 @@ BEGIN
             lease_owner = NULL, lease_expires_at = NULL, finished_by = p_instance
         WHERE id = p_job_id AND status = 'running' AND lease_owner = p_instance
           AND attempt_count = p_attempt_n
-        RETURNING id, provider INTO v_id, v_provider;
+        RETURNING id INTO v_id;
     ELSIF p_kind = 'fail' THEN
         UPDATE jobs SET status = 'failed', finished_at = p_finished_at,
             status_code = p_job_status_code, error = p_job_error, result = p_result,
             lease_owner = NULL, lease_expires_at = NULL, finished_by = p_instance
         WHERE id = p_job_id AND status = 'running' AND lease_owner = p_instance
           AND attempt_count = p_attempt_n
-        RETURNING id, provider INTO v_id, v_provider;
+        RETURNING id INTO v_id;
     ELSIF p_kind = 'requeue' THEN
         UPDATE jobs SET status = 'queued', run_at = p_run_at,
             hop_tries = CASE WHEN hop = p_hop THEN hop_tries ELSE 0 END, hop = p_hop,
@@ -149,19 +148,9 @@ BEGIN
             lease_owner = NULL, lease_expires_at = NULL
         WHERE id = p_job_id AND status = 'running' AND lease_owner = p_instance
           AND attempt_count = p_attempt_n
-        RETURNING id, provider INTO v_id, v_provider;
+        RETURNING id INTO v_id;
     ELSE
         RAISE EXCEPTION 'orch_finish: unknown transition %', p_kind;
-    END IF;
-    -- Other instances hear of it: waiters of a finished job re-read it, pools of the
-    -- provider whose slot freed look again (and of the one a requeue sent it to).
-    IF v_id IS NOT NULL THEN
-        IF p_kind = 'requeue' THEN
-            PERFORM pg_notify('orch_provider', v_provider);
-        ELSE
-            PERFORM pg_notify('orch_job_finished', v_id);
-        END IF;
-        PERFORM pg_notify('orch_provider', 'slot:' || p_provider);
     END IF;
     -- The attempt's effect on its provider's shared state. The breaker opens by the
     -- database clock, like every other time the lease compares against.

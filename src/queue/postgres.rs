@@ -7,8 +7,10 @@
 //!   `FOR UPDATE SKIP LOCKED` so nothing else waits on them;
 //! - times the database decides (lease expiry, rpm/tpm windows, heartbeats, rescues) come
 //!   from the database clock, so instances whose clocks drift still agree;
-//! - every write that makes work or news for other instances sends a `NOTIFY` from inside
-//!   its transaction (delivered at commit), which `listener` turns into local signals.
+//! - every write that makes work or news for other instances sends a `NOTIFY`, which
+//!   `listener` turns into local signals: from inside its transaction (delivered at
+//!   commit), or, on the hot paths (a job queued, an attempt ended), right after it
+//!   commits (see `News`).
 
 mod listener;
 
@@ -17,7 +19,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{Connection, Executor, PgConnection, Postgres};
+use sqlx::{Connection, PgConnection, Postgres};
 use tokio_util::sync::CancellationToken;
 
 use super::row::{
@@ -50,6 +52,9 @@ const IDLE_CHECK: Duration = Duration::from_secs(1);
 
 pub struct PostgresStore {
     pool: PgPool,
+    /// The server processes of our pool's connections.
+    own: listener::OwnBackends,
+    news: News,
     batches: super::postgres_batches::PgBatchStore,
 }
 
@@ -61,6 +66,8 @@ impl PostgresStore {
         let options: PgConnectOptions = url
             .parse()
             .map_err(|e| StoreError::Open(format!("bad Postgres URL: {e}")))?;
+        let own = listener::OwnBackends::default();
+        let own_for_pool = own.clone();
         let pool = PgPoolOptions::new()
             .max_connections(POOL_SIZE)
             .min_connections(1)
@@ -71,6 +78,17 @@ impl PostgresStore {
             // Only connections idle for a while are checked (after a database restart
             // they are all dead); a busy pool's connections were just used, and sqlx
             // drops any connection whose use failed.
+            // Our own news need not come back through the listener (see `listener`).
+            .after_connect(move |conn, _| {
+                let own = own_for_pool.clone();
+                Box::pin(async move {
+                    let (pid,): (i32,) = sqlx::query_as("SELECT pg_backend_pid()")
+                        .fetch_one(&mut *conn)
+                        .await?;
+                    own.add(pid);
+                    Ok(())
+                })
+            })
             .test_before_acquire(false)
             .before_acquire(|conn, meta| {
                 Box::pin(async move {
@@ -86,7 +104,9 @@ impl PostgresStore {
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
         Ok(Self {
             batches: super::postgres_batches::PgBatchStore::new(pool.clone()),
+            news: News::start(pool.clone()),
             pool,
+            own,
         })
     }
 
@@ -165,6 +185,49 @@ impl PostgresStore {
     }
 }
 
+/// Notifications sent after the change they announce has committed, by a task of their
+/// own, in order, many per statement.
+///
+/// A `NOTIFY` inside a transaction makes its commit take a server-wide lock that is held
+/// through the WAL flush, so every notifying commit of every instance waits for the one
+/// before it to reach the disk: the busiest paths (a job queued, an attempt ended) were
+/// limited to one flush each in turn. Sent on their own, notifications write nothing that
+/// needs flushing and hold the lock only briefly; the changes themselves commit as before.
+/// They are hints either way (see `listener`): one lost to a crash between the commit and
+/// the notification costs other instances a slow poll, as one missed while their
+/// listener reconnects does.
+struct News(tokio::sync::mpsc::UnboundedSender<(&'static str, String)>);
+
+impl News {
+    fn start(pool: PgPool) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(&'static str, String)>();
+        // Ends when the store (the only sender) is dropped and the queue is sent.
+        tokio::spawn(async move {
+            let mut batch = Vec::new();
+            while rx.recv_many(&mut batch, 512).await > 0 {
+                let (channels, payloads): (Vec<&str>, Vec<String>) = batch.drain(..).unzip();
+                let sent = sqlx::query(
+                    "SELECT count(*) FROM (SELECT pg_notify(c, p) \
+                     FROM unnest($1::text[], $2::text[]) AS n(c, p)) s",
+                )
+                .bind(&channels)
+                .bind(&payloads)
+                .execute(&pool)
+                .await;
+                if let Err(e) = sent {
+                    tracing::warn!(error = %e, news = channels.len(),
+                        "cannot notify other instances; they will notice by polling");
+                }
+            }
+        });
+        Self(tx)
+    }
+
+    fn send(&self, channel: &'static str, payload: String) {
+        let _ = self.0.send((channel, payload));
+    }
+}
+
 async fn db_now(conn: &mut PgConnection) -> StoreResult<i64> {
     let (now,): (i64,) = sqlx::query_as(concat!("SELECT ", db_now!()))
         .fetch_one(conn)
@@ -180,20 +243,6 @@ async fn notify_providers(conn: &mut PgConnection, providers: &[String]) -> Stor
     .execute(conn)
     .await?;
     Ok(())
-}
-
-/// Runs a `… SELECT count(*) FROM (SELECT pg_notify(…) FROM u) n` statement and says
-/// whether its data-modifying part touched a row.
-async fn changed<'e, E>(
-    q: sqlx::query::Query<'e, Postgres, sqlx::postgres::PgArguments>,
-    conn: E,
-) -> StoreResult<bool>
-where
-    E: Executor<'e, Database = Postgres>,
-{
-    use sqlx::Row;
-    let row = q.fetch_one(conn).await?;
-    Ok(row.try_get::<i64, _>(0)? > 0)
 }
 
 /// A call of `orch_lease` (see migrations/postgres/0003_round_trips.sql): every row
@@ -308,13 +357,12 @@ impl QueueStore for PostgresStore {
 
     async fn insert_job(&self, job: &NewJob) -> StoreResult<Inserted> {
         let provider = job.chain.get(job.hop).cloned().unwrap_or_default();
-        let q = sqlx::query(
-            "WITH ins AS (INSERT INTO jobs (id, task, status, priority, chain, hop, provider, request, \
+        let inserted: Option<(String,)> = sqlx::query_as(
+            "INSERT INTO jobs (id, task, status, priority, chain, hop, provider, request, \
              stream, caller, idempotency_key, pinned_instance, run_at, deadline_at, created_at, batch_id, \
              custom_id) VALUES ($1, $2, 'queued', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $12, $14, $15) \
              ON CONFLICT (caller, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING \
-             RETURNING provider) \
-             SELECT count(*) FROM (SELECT pg_notify('orch_provider', provider) FROM ins) n",
+             RETURNING provider",
         )
         .bind(&job.id)
         .bind(&job.task)
@@ -330,8 +378,11 @@ impl QueueStore for PostgresStore {
         .bind(job.created_at)
         .bind(job.deadline_at)
         .bind(&job.batch_id)
-        .bind(&job.custom_id);
-        if changed(q, &self.pool).await? {
+        .bind(&job.custom_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some((provider,)) = inserted {
+            self.news.send(CHANNEL_PROVIDER, provider);
             return Ok(Inserted::New);
         }
         let row: JobRow = sqlx::query_as(concat!(
@@ -505,8 +556,8 @@ impl QueueStore for PostgresStore {
     }
 
     async fn finish_attempt(&self, fin: &AttemptFinish) -> StoreResult<bool> {
-        // One call of `orch_finish`: attempt, job, news and provider state in the
-        // statement's own transaction.
+        // One call of `orch_finish`: attempt, job and provider state in the statement's
+        // own transaction; the news follow it.
         let (kind, result, job_status, job_error, requeue) = match &fin.transition {
             Transition::Succeed { result, .. } => {
                 ("succeed", Some(result.as_str()), None, None, None)
@@ -572,6 +623,16 @@ impl QueueStore for PostgresStore {
         .bind(open_ms)
         .fetch_one(&self.pool)
         .await?;
+        if done {
+            // Other instances hear of it: waiters of a finished job re-read it, pools of
+            // the provider whose slot freed look again (and of the one a requeue sent it to).
+            match requeue {
+                Some((_, _, to)) => self.news.send(CHANNEL_PROVIDER, to.to_string()),
+                None => self.news.send(CHANNEL_FINISHED, fin.job_id.clone()),
+            }
+            self.news
+                .send(CHANNEL_PROVIDER, format!("slot:{}", fin.provider));
+        }
         Ok(done)
     }
 
@@ -794,13 +855,18 @@ impl QueueStore for PostgresStore {
     }
 
     fn start_listener(&self, signals: Arc<Signals>, stop: CancellationToken) {
-        tokio::spawn(listener::run(self.pool.clone(), signals, stop));
+        tokio::spawn(listener::run(
+            self.pool.clone(),
+            self.own.clone(),
+            signals,
+            stop,
+        ));
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use sqlx::Connection;
+    use sqlx::{Connection, Executor};
 
     use super::*;
 

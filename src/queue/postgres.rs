@@ -251,11 +251,16 @@ fn lease_query(
     req: &LeaseRequest,
     write: bool,
 ) -> sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments> {
-    sqlx::query(
+    // The job's columns by name (not `(l.job).*`): a column added to `jobs` later must
+    // not change the result type of this statement, prepared on running instances.
+    sqlx::query(concat!(
         "SELECT l.u_now, l.u_cooldown_until, l.u_breaker_open_until, l.u_running, l.u_calls, \
-         l.u_tokens, l.u_oldest, l.u_limit, l.u_next_due, (l.job).* \
-         FROM orch_lease($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) l",
-    )
+         l.u_tokens, l.u_oldest, l.u_limit, l.u_next_due, j.* \
+         FROM orch_lease($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) l \
+         CROSS JOIN LATERAL (SELECT ",
+        job_columns!(),
+        " FROM (SELECT (l.job).*) x) j"
+    ))
     .bind(&req.provider)
     .bind(&req.instance)
     .bind(&req.model)

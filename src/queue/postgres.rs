@@ -7,8 +7,10 @@
 //!   `FOR UPDATE SKIP LOCKED` so nothing else waits on them;
 //! - times the database decides (lease expiry, rpm/tpm windows, heartbeats, rescues) come
 //!   from the database clock, so instances whose clocks drift still agree;
-//! - every write that makes work or news for other instances sends a `NOTIFY` from inside
-//!   its transaction (delivered at commit), which `listener` turns into local signals.
+//! - every write that makes work or news for other instances sends a `NOTIFY`, which
+//!   `listener` turns into local signals: from inside its transaction (delivered at
+//!   commit), or, on the hot paths (a job queued, an attempt ended), right after it
+//!   commits (see `News`).
 
 mod listener;
 
@@ -17,7 +19,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{Executor, PgConnection, Postgres};
+use sqlx::{Connection, PgConnection, Postgres};
 use tokio_util::sync::CancellationToken;
 
 use super::row::{
@@ -45,8 +47,14 @@ const CHANNEL_FINISHED: &str = "orch_job_finished";
 /// Connections per instance: pools, request handlers and the listener share them.
 const POOL_SIZE: u32 = 16;
 
+/// A pooled connection idle this long is pinged before use.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
+
 pub struct PostgresStore {
     pool: PgPool,
+    /// The server processes of our pool's connections.
+    own: listener::OwnBackends,
+    news: News,
     batches: super::postgres_batches::PgBatchStore,
 }
 
@@ -58,19 +66,47 @@ impl PostgresStore {
         let options: PgConnectOptions = url
             .parse()
             .map_err(|e| StoreError::Open(format!("bad Postgres URL: {e}")))?;
+        let own = listener::OwnBackends::default();
+        let own_for_pool = own.clone();
         let pool = PgPoolOptions::new()
             .max_connections(POOL_SIZE)
             .min_connections(1)
             // Fail fast while the database is down, so callers log and retry (and
             // `/healthz` answers) instead of queueing behind a dead pool.
             .acquire_timeout(Duration::from_secs(3))
+            // sqlx pings every connection it hands out: a round trip more per statement.
+            // Only connections idle for a while are checked (after a database restart
+            // they are all dead); a busy pool's connections were just used, and sqlx
+            // drops any connection whose use failed.
+            // Our own news need not come back through the listener (see `listener`).
+            .after_connect(move |conn, _| {
+                let own = own_for_pool.clone();
+                Box::pin(async move {
+                    let (pid,): (i32,) = sqlx::query_as("SELECT pg_backend_pid()")
+                        .fetch_one(&mut *conn)
+                        .await?;
+                    own.add(pid);
+                    Ok(())
+                })
+            })
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= IDLE_CHECK {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_with(options)
             .await
             .map_err(|e| StoreError::Open(format!("cannot connect to Postgres: {e}")))?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
         Ok(Self {
             batches: super::postgres_batches::PgBatchStore::new(pool.clone()),
+            news: News::start(pool.clone()),
             pool,
+            own,
         })
     }
 
@@ -149,6 +185,49 @@ impl PostgresStore {
     }
 }
 
+/// Notifications sent after the change they announce has committed, by a task of their
+/// own, in order, many per statement.
+///
+/// A `NOTIFY` inside a transaction makes its commit take a server-wide lock that is held
+/// through the WAL flush, so every notifying commit of every instance waits for the one
+/// before it to reach the disk: the busiest paths (a job queued, an attempt ended) were
+/// limited to one flush each in turn. Sent on their own, notifications write nothing that
+/// needs flushing and hold the lock only briefly; the changes themselves commit as before.
+/// They are hints either way (see `listener`): one lost to a crash between the commit and
+/// the notification costs other instances a slow poll, as one missed while their
+/// listener reconnects does.
+struct News(tokio::sync::mpsc::UnboundedSender<(&'static str, String)>);
+
+impl News {
+    fn start(pool: PgPool) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(&'static str, String)>();
+        // Ends when the store (the only sender) is dropped and the queue is sent.
+        tokio::spawn(async move {
+            let mut batch = Vec::new();
+            while rx.recv_many(&mut batch, 512).await > 0 {
+                let (channels, payloads): (Vec<&str>, Vec<String>) = batch.drain(..).unzip();
+                let sent = sqlx::query(
+                    "SELECT count(*) FROM (SELECT pg_notify(c, p) \
+                     FROM unnest($1::text[], $2::text[]) AS n(c, p)) s",
+                )
+                .bind(&channels)
+                .bind(&payloads)
+                .execute(&pool)
+                .await;
+                if let Err(e) = sent {
+                    tracing::warn!(error = %e, news = channels.len(),
+                        "cannot notify other instances; they will notice by polling");
+                }
+            }
+        });
+        Self(tx)
+    }
+
+    fn send(&self, channel: &'static str, payload: String) {
+        let _ = self.0.send((channel, payload));
+    }
+}
+
 async fn db_now(conn: &mut PgConnection) -> StoreResult<i64> {
     let (now,): (i64,) = sqlx::query_as(concat!("SELECT ", db_now!()))
         .fetch_one(conn)
@@ -166,18 +245,104 @@ async fn notify_providers(conn: &mut PgConnection, providers: &[String]) -> Stor
     Ok(())
 }
 
-/// Runs a `… SELECT count(*) FROM (SELECT pg_notify(…) FROM u) n` statement and says
-/// whether its data-modifying part touched a row.
-async fn changed<'e, E>(
-    q: sqlx::query::Query<'e, Postgres, sqlx::postgres::PgArguments>,
-    conn: E,
-) -> StoreResult<bool>
-where
-    E: Executor<'e, Database = Postgres>,
-{
-    use sqlx::Row;
-    let row = q.fetch_one(conn).await?;
-    Ok(row.try_get::<i64, _>(0)? > 0)
+/// A call of `orch_lease` (see migrations/postgres/0003_round_trips.sql): every row
+/// carries what the lease read; the job columns are NULL when it took none.
+fn lease_query(
+    req: &LeaseRequest,
+    write: bool,
+) -> sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments> {
+    // The job's columns by name (not `(l.job).*`): a column added to `jobs` later must
+    // not change the result type of this statement, prepared on running instances.
+    sqlx::query(concat!(
+        "SELECT l.u_now, l.u_cooldown_until, l.u_breaker_open_until, l.u_running, l.u_calls, \
+         l.u_tokens, l.u_oldest, l.u_limit, l.u_next_due, j.* \
+         FROM orch_lease($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) l \
+         CROSS JOIN LATERAL (SELECT ",
+        job_columns!(),
+        " FROM (SELECT (l.job).*) x) j"
+    ))
+    .bind(&req.provider)
+    .bind(&req.instance)
+    .bind(&req.model)
+    .bind(req.lease_ms)
+    .bind(i64::from(req.max_jobs))
+    .bind(i64::from(req.budget.rpm))
+    .bind(i64::from(req.budget.concurrency))
+    .bind(req.budget.tpm.map(i64::from))
+    .bind(RATE_WINDOW_MS)
+    .bind(write)
+}
+
+/// What a lease read about its provider, and what the database decided from it.
+struct LeaseHead {
+    now: i64,
+    usage: budget::Usage,
+    /// How many jobs `orch_admit` allowed (0: blocked).
+    limit: i64,
+    next_due: Option<i64>,
+}
+
+/// Splits the rows of `orch_lease` into what it read and the jobs it took.
+fn lease_rows(rows: Vec<sqlx::postgres::PgRow>) -> StoreResult<(LeaseHead, Vec<JobRow>)> {
+    use sqlx::{FromRow, Row};
+    let first = rows
+        .first()
+        .ok_or_else(|| StoreError::Corrupt("orch_lease returned no row".into()))?;
+    let head = LeaseHead {
+        now: first.try_get(0)?,
+        usage: budget::Usage {
+            cooldown_until: first.try_get(1)?,
+            breaker_open_until: first.try_get(2)?,
+            running: first.try_get(3)?,
+            calls: first.try_get(4)?,
+            tokens: first.try_get(5)?,
+            oldest_second: first.try_get(6)?,
+        },
+        limit: first.try_get(7)?,
+        next_due: first.try_get(8)?,
+    };
+    let mut jobs = Vec::with_capacity(rows.len());
+    for row in &rows {
+        if row.try_get::<Option<&str>, _>("id")?.is_some() {
+            jobs.push(JobRow::from_row(row)?);
+        }
+    }
+    Ok((head, jobs))
+}
+
+impl LeaseHead {
+    /// The lease to hand out. `budget::admit` stays the rule: it runs again here on what
+    /// the database read, and a database that decided otherwise is reported (and fails
+    /// debug builds, so every lease of the test suites checks the SQL port).
+    fn lease(self, req: &LeaseRequest, jobs: Vec<LeasedJob>) -> Lease {
+        let decided = budget::admit(&self.usage, &req.budget, self.now, req.max_jobs);
+        let agrees = match decided {
+            Ok(limit) => limit == self.limit && jobs.len() as i64 <= limit,
+            Err(_) => self.limit == 0 && jobs.is_empty(),
+        };
+        if !agrees {
+            tracing::error!(
+                provider = %req.provider, usage = ?self.usage, sql_limit = self.limit,
+                rust = ?decided, taken = jobs.len(),
+                "orch_admit (Postgres) and budget::admit disagree"
+            );
+            debug_assert!(agrees, "orch_admit and budget::admit disagree");
+        }
+        if !jobs.is_empty() {
+            // Leased and committed: they run whatever the check above said.
+            return Lease {
+                jobs,
+                ..Lease::default()
+            };
+        }
+        match decided {
+            Err(why) => Lease::blocked(why),
+            Ok(_) => Lease {
+                next_due_at: self.next_due,
+                ..Lease::default()
+            },
+        }
+    }
 }
 
 #[async_trait]
@@ -197,13 +362,12 @@ impl QueueStore for PostgresStore {
 
     async fn insert_job(&self, job: &NewJob) -> StoreResult<Inserted> {
         let provider = job.chain.get(job.hop).cloned().unwrap_or_default();
-        let q = sqlx::query(
-            "WITH ins AS (INSERT INTO jobs (id, task, status, priority, chain, hop, provider, request, \
+        let inserted: Option<(String,)> = sqlx::query_as(
+            "INSERT INTO jobs (id, task, status, priority, chain, hop, provider, request, \
              stream, caller, idempotency_key, pinned_instance, run_at, deadline_at, created_at, batch_id, \
              custom_id) VALUES ($1, $2, 'queued', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $12, $14, $15) \
              ON CONFLICT (caller, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING \
-             RETURNING provider) \
-             SELECT count(*) FROM (SELECT pg_notify('orch_provider', provider) FROM ins) n",
+             RETURNING provider",
         )
         .bind(&job.id)
         .bind(&job.task)
@@ -219,8 +383,11 @@ impl QueueStore for PostgresStore {
         .bind(job.created_at)
         .bind(job.deadline_at)
         .bind(&job.batch_id)
-        .bind(&job.custom_id);
-        if changed(q, &self.pool).await? {
+        .bind(&job.custom_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some((provider,)) = inserted {
+            self.news.send(CHANNEL_PROVIDER, provider);
             return Ok(Inserted::New);
         }
         let row: JobRow = sqlx::query_as(concat!(
@@ -313,89 +480,48 @@ impl QueueStore for PostgresStore {
     }
 
     async fn lease(&self, req: &LeaseRequest) -> StoreResult<Lease> {
-        let mut tx = self.pool.begin().await?;
-        // Serialise the leases of this provider across every instance until commit: the
-        // counts read below stay true until our own leases are written.
-        sqlx::query("SELECT pg_advisory_xact_lock(1869767528, hashtext($1))")
-            .bind(&req.provider)
-            .execute(&mut *tx)
-            .await?;
-        let (now, cooldown_until, breaker_open_until, running, calls, tokens, oldest_second): (
-            i64,
-            i64,
-            i64,
-            i64,
-            i64,
-            i64,
-            Option<i64>,
-        ) = sqlx::query_as(concat!(
-            "SELECT n.now, COALESCE(s.cooldown_until, 0), COALESCE(s.breaker_open_until, 0), \
-             r.running, w.calls, w.tokens, w.oldest \
-             FROM (SELECT ",
-            db_now!(),
-            " AS now) n \
-             LEFT JOIN provider_state s ON s.provider = $1 \
-             CROSS JOIN LATERAL (SELECT count(*) AS running FROM jobs \
-                 WHERE provider = $1 AND status = 'running') r \
-             CROSS JOIN LATERAL (SELECT COALESCE(sum(calls), 0)::bigint AS calls, \
-                 COALESCE(sum(tokens), 0)::bigint AS tokens, min(second) AS oldest FROM provider_usage \
-                 WHERE provider = $1 AND second >= floor((n.now - $2) / 1000.0)::bigint) w"
-        ))
-        .bind(&req.provider)
-        .bind(RATE_WINDOW_MS)
-        .fetch_one(&mut *tx)
-        .await?;
-        let usage = budget::Usage {
-            cooldown_until,
-            breaker_open_until,
-            running,
-            calls,
-            tokens,
-            oldest_second,
-        };
-        let limit = match budget::admit(&usage, &req.budget, now, req.max_jobs) {
-            Ok(limit) => limit,
-            Err(why) => return Ok(Lease::blocked(why)),
-        };
-        let rows: Vec<JobRow> = sqlx::query_as(concat!(
-            "SELECT ",
-            job_columns!(),
-            " FROM jobs WHERE provider = $1 AND status = 'queued' AND run_at <= $2 \
-             AND (pinned_instance IS NULL OR pinned_instance = $3) ORDER BY priority, run_at LIMIT $4 \
-             FOR UPDATE SKIP LOCKED"
-        ))
-        .bind(&req.provider)
-        .bind(now)
-        .bind(&req.instance)
-        .bind(limit)
-        .fetch_all(&mut *tx)
-        .await?;
-        if rows.is_empty() {
-            let (next,): (Option<i64>,) = sqlx::query_as(
-                "SELECT min(run_at) FROM jobs WHERE provider = $1 AND status = 'queued' \
-                 AND (pinned_instance IS NULL OR pinned_instance = $2)",
-            )
-            .bind(&req.provider)
-            .bind(&req.instance)
-            .fetch_one(&mut *tx)
-            .await?;
-            return Ok(Lease {
-                next_due_at: next,
-                ..Lease::default()
-            });
+        // Without tpm nothing depends on the picked rows: lock, read, decide, pick and
+        // write are one call of `orch_lease`, one round trip in its own transaction.
+        if req.budget.tpm.is_none() {
+            let rows = lease_query(req, true).fetch_all(&self.pool).await?;
+            let (head, jobs) = lease_rows(rows)?;
+            let jobs = jobs
+                .into_iter()
+                .map(|row| {
+                    let job = Job::try_from(row)?;
+                    Ok(LeasedJob {
+                        attempt_n: job.attempt_count,
+                        job,
+                    })
+                })
+                .collect::<StoreResult<Vec<_>>>()?;
+            return Ok(head.lease(req, jobs));
         }
+        // With tpm each job books its token estimate, which Rust computes from the picked
+        // row: pick under the lock, then write, in one transaction.
+        let mut tx = self.pool.begin().await?;
+        let rows = lease_query(req, false).fetch_all(&mut *tx).await?;
+        let (head, rows) = lease_rows(rows)?;
+        if rows.is_empty() {
+            tx.commit().await?;
+            return Ok(head.lease(req, vec![]));
+        }
+        let now = head.now;
         let taken = mark_leased(rows, req, now)?;
         let ids: Vec<&str> = taken.iter().map(|(l, _)| l.job.id.as_str()).collect();
         let estimates: Vec<i64> = taken.iter().map(|(_, e)| *e).collect();
-        // Mark running and open their attempts in one statement, whatever the count.
+        // Mark running, open their attempts and book the bucket in one statement.
         sqlx::query(
             "WITH t AS (SELECT * FROM unnest($1::text[], $2::bigint[]) AS t(id, tokens)), \
              u AS (UPDATE jobs j SET status = 'running', lease_owner = $3, lease_expires_at = $4, \
                  started_at = COALESCE(j.started_at, $5), attempt_count = j.attempt_count + 1, \
                  hop_tries = j.hop_tries + 1 FROM t WHERE j.id = t.id \
-                 RETURNING j.id, j.attempt_count, t.tokens) \
-             INSERT INTO attempts (job_id, n, provider, model, instance, started_at, outcome, tokens) \
-             SELECT u.id, u.attempt_count, $6, $7, $3, $5, 'running', u.tokens FROM u",
+                 RETURNING j.id, j.attempt_count, t.tokens), \
+             a AS (INSERT INTO attempts (job_id, n, provider, model, instance, started_at, outcome, tokens) \
+                 SELECT u.id, u.attempt_count, $6, $7, $3, $5, 'running', u.tokens FROM u) \
+             INSERT INTO provider_usage (provider, second, calls, tokens) VALUES ($6, $8, $9, $10) \
+             ON CONFLICT (provider, second) DO UPDATE SET calls = provider_usage.calls + EXCLUDED.calls, \
+             tokens = provider_usage.tokens + EXCLUDED.tokens",
         )
         .bind(&ids)
         .bind(&estimates)
@@ -404,24 +530,13 @@ impl QueueStore for PostgresStore {
         .bind(now)
         .bind(&req.provider)
         .bind(&req.model)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO provider_usage (provider, second, calls, tokens) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (provider, second) DO UPDATE SET calls = provider_usage.calls + EXCLUDED.calls, \
-             tokens = provider_usage.tokens + EXCLUDED.tokens",
-        )
-        .bind(&req.provider)
         .bind(budget::second_of(now))
         .bind(ids.len() as i64)
         .bind(estimates.iter().sum::<i64>())
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(Lease {
-            jobs: taken.into_iter().map(|(l, _)| l).collect(),
-            ..Lease::default()
-        })
+        Ok(head.lease(req, taken.into_iter().map(|(l, _)| l).collect()))
     }
 
     async fn renew_lease(
@@ -446,109 +561,83 @@ impl QueueStore for PostgresStore {
     }
 
     async fn finish_attempt(&self, fin: &AttemptFinish) -> StoreResult<bool> {
-        let mut tx = self.pool.begin().await?;
-        if fin.count_tokens
-            && let Some(actual) = fin.tokens
-        {
-            // Replace the lease-time estimate by what the call really used, in the bucket
-            // of the second the call started.
-            sqlx::query(
-                "UPDATE provider_usage u SET tokens = u.tokens + $1 - a.tokens FROM attempts a \
-                 WHERE a.job_id = $2 AND a.n = $3 AND u.provider = $4 AND u.second = a.started_at / 1000",
-            )
-            .bind(actual)
-            .bind(&fin.job_id)
-            .bind(fin.attempt_n)
-            .bind(&fin.provider)
-            .execute(&mut *tx)
-            .await?;
-        }
-        sqlx::query(
-            "UPDATE attempts SET finished_at = $1, status_code = $2, outcome = $3, error = $4, \
-             tokens = COALESCE($5, tokens) WHERE job_id = $6 AND n = $7",
-        )
-        .bind(fin.finished_at)
-        .bind(fin.status_code)
-        .bind(fin.outcome.as_str())
-        .bind(&fin.error)
-        .bind(fin.tokens)
-        .bind(&fin.job_id)
-        .bind(fin.attempt_n)
-        .execute(&mut *tx)
-        .await?;
-        // Only the lease holder may move the job on. Other instances hear of it: waiters
-        // of a finished job re-read it, pools of the provider whose slot freed look again.
-        macro_rules! owned {
-            // Also only for the attempt it holds: after a lost lease the same instance may
-            // hold a newer attempt of the same job.
-            ($set:literal, $notify:literal, $attempt:literal) => {
-                concat!(
-                    "WITH u AS (UPDATE jobs SET ",
-                    $set,
-                    " WHERE id = $1 AND status = 'running' AND lease_owner = $2 AND attempt_count = ",
-                    $attempt,
-                    " RETURNING id, provider) \
-                     SELECT count(*) FROM (SELECT ",
-                    $notify,
-                    ", pg_notify('orch_provider', 'slot:' || $3) FROM u) n"
-                )
-            };
-        }
-        let q = match &fin.transition {
-            Transition::Succeed {
-                result,
-                usage_prompt,
-                usage_completion,
-            } => sqlx::query(owned!(
-                "status = 'succeeded', finished_at = $4, status_code = 200, result = $5, \
-                 usage_prompt = $6, usage_completion = $7, lease_owner = NULL, lease_expires_at = NULL, \
-                 finished_by = $2",
-                "pg_notify('orch_job_finished', id)",
-                "$8"
-            ))
-            .bind(&fin.job_id)
-            .bind(&fin.instance)
-            .bind(&fin.provider)
-            .bind(fin.finished_at)
-            .bind(result)
-            .bind(usage_prompt)
-            .bind(usage_completion),
-            Transition::Fail { error, partial } => sqlx::query(owned!(
-                "status = 'failed', finished_at = $4, status_code = $5, error = $6, result = $7, \
-                 lease_owner = NULL, lease_expires_at = NULL, finished_by = $2",
-                "pg_notify('orch_job_finished', id)",
-                "$8"
-            ))
-            .bind(&fin.job_id)
-            .bind(&fin.instance)
-            .bind(&fin.provider)
-            .bind(fin.finished_at)
-            .bind(i64::from(error.status))
-            .bind(error_json(error))
-            .bind(partial),
+        // One call of `orch_finish`: attempt, job and provider state in the statement's
+        // own transaction; the news follow it.
+        let (kind, result, job_status, job_error, requeue) = match &fin.transition {
+            Transition::Succeed { result, .. } => {
+                ("succeed", Some(result.as_str()), None, None, None)
+            }
+            Transition::Fail { error, partial } => (
+                "fail",
+                partial.as_deref(),
+                Some(i64::from(error.status)),
+                Some(error_json(error)),
+                None,
+            ),
             Transition::Requeue {
                 hop,
                 provider,
                 run_at,
-            } => sqlx::query(owned!(
-                "status = 'queued', run_at = $4, \
-                 hop_tries = CASE WHEN hop = $5 THEN hop_tries ELSE 0 END, hop = $5, provider = $6, \
-                 hops = hops + CASE WHEN provider <> $6 THEN 1 ELSE 0 END, \
-                 lease_owner = NULL, lease_expires_at = NULL",
-                "pg_notify('orch_provider', provider)",
-                "$7"
-            ))
-            .bind(&fin.job_id)
-            .bind(&fin.instance)
-            .bind(&fin.provider)
-            .bind(run_at)
-            .bind(*hop as i64)
-            .bind(provider),
+            } => (
+                "requeue",
+                None,
+                None,
+                None,
+                Some((*run_at, *hop as i64, provider.as_str())),
+            ),
+        };
+        let (usage_prompt, usage_completion) = match &fin.transition {
+            Transition::Succeed {
+                usage_prompt,
+                usage_completion,
+                ..
+            } => (*usage_prompt, *usage_completion),
+            _ => (None, None),
+        };
+        let effect = &fin.effect;
+        let (threshold, open_ms) = effect
+            .breaker
+            .map_or((i64::MAX, 0), |(t, ms)| (i64::from(t), ms));
+        let (done,): (bool,) = sqlx::query_as(
+            "SELECT orch_finish($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
+             $16, $17, $18, $19, $20, $21, $22, $23, $24)",
+        )
+        .bind(&fin.job_id)
+        .bind(fin.attempt_n)
+        .bind(&fin.instance)
+        .bind(&fin.provider)
+        .bind(fin.finished_at)
+        .bind(fin.outcome.as_str())
+        .bind(fin.status_code)
+        .bind(&fin.error)
+        .bind(fin.tokens)
+        .bind(fin.count_tokens)
+        .bind(kind)
+        .bind(result)
+        .bind(usage_prompt)
+        .bind(usage_completion)
+        .bind(job_status)
+        .bind(job_error)
+        .bind(requeue.map(|r| r.0))
+        .bind(requeue.map(|r| r.1))
+        .bind(requeue.map(|r| r.2))
+        .bind(effect.cooldown_until.is_some() || effect.success.is_some())
+        .bind(effect.cooldown_until)
+        .bind(effect.success)
+        .bind(threshold)
+        .bind(open_ms)
+        .fetch_one(&self.pool)
+        .await?;
+        if done {
+            // Other instances hear of it: waiters of a finished job re-read it, pools of
+            // the provider whose slot freed look again (and of the one a requeue sent it to).
+            match requeue {
+                Some((_, _, to)) => self.news.send(CHANNEL_PROVIDER, to.to_string()),
+                None => self.news.send(CHANNEL_FINISHED, fin.job_id.clone()),
+            }
+            self.news
+                .send(CHANNEL_PROVIDER, format!("slot:{}", fin.provider));
         }
-        .bind(fin.attempt_n);
-        let done = changed(q, &mut *tx).await?;
-        apply_effect(&mut tx, &fin.provider, &fin.effect).await?;
-        tx.commit().await?;
         Ok(done)
     }
 
@@ -771,43 +860,120 @@ impl QueueStore for PostgresStore {
     }
 
     fn start_listener(&self, signals: Arc<Signals>, stop: CancellationToken) {
-        tokio::spawn(listener::run(self.pool.clone(), signals, stop));
+        tokio::spawn(listener::run(
+            self.pool.clone(),
+            self.own.clone(),
+            signals,
+            stop,
+        ));
     }
 }
 
-/// Applies an attempt's effect on its provider's shared state in one upsert. The breaker
-/// opens by the database clock, like every other time the lease compares against.
-async fn apply_effect(
-    conn: &mut PgConnection,
-    provider: &str,
-    effect: &ProviderEffect,
-) -> StoreResult<()> {
-    if effect.cooldown_until.is_none() && effect.success.is_none() {
-        return Ok(());
+#[cfg(test)]
+mod tests {
+    use sqlx::{Connection, Executor};
+
+    use super::*;
+
+    /// The server the integration tests use (`ORCH_TEST_POSTGRES_URL`); unreachable fails.
+    fn server_url() -> String {
+        std::env::var("ORCH_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
     }
-    let (threshold, open_ms) = effect
-        .breaker
-        .map_or((i64::MAX, 0), |(t, ms)| (i64::from(t), ms));
-    sqlx::query(concat!(
-        "INSERT INTO provider_state AS s (provider, cooldown_until, consecutive_failures, breaker_open_until) \
-         VALUES ($1, COALESCE($2, 0), CASE WHEN $3 IS FALSE THEN 1 ELSE 0 END, \
-         CASE WHEN $3 IS FALSE AND 1 >= $4 THEN ",
-        db_now!(),
-        " + $5 ELSE 0 END) \
-         ON CONFLICT (provider) DO UPDATE SET \
-         cooldown_until = GREATEST(s.cooldown_until, EXCLUDED.cooldown_until), \
-         consecutive_failures = CASE WHEN $3 IS TRUE THEN 0 WHEN $3 IS FALSE \
-             THEN s.consecutive_failures + 1 ELSE s.consecutive_failures END, \
-         breaker_open_until = CASE WHEN $3 IS FALSE AND s.consecutive_failures + 1 >= $4 THEN ",
-        db_now!(),
-        " + $5 ELSE s.breaker_open_until END"
-    ))
-    .bind(provider)
-    .bind(effect.cooldown_until)
-    .bind(effect.success)
-    .bind(threshold)
-    .bind(open_ms)
-    .execute(conn)
-    .await?;
-    Ok(())
+
+    /// `orch_admit` (the lease's budget rule in SQL) decides as `budget::admit` does, on
+    /// every combination of a grid around each limit.
+    #[tokio::test]
+    async fn orch_admit_matches_budget_admit() {
+        let admin_url = server_url();
+        let mut admin = PgConnection::connect(&admin_url)
+            .await
+            .unwrap_or_else(|e| panic!("Postgres at {admin_url} is unreachable: {e}"));
+        let name = format!("orch_unit_{}", uuid::Uuid::new_v4().simple());
+        admin
+            .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .await
+            .unwrap();
+        let (base, _) = admin_url
+            .split('?')
+            .next()
+            .unwrap()
+            .rsplit_once('/')
+            .unwrap();
+        let store = PostgresStore::connect(&format!("{base}/{name}")).await;
+
+        type Case = (budget::Usage, Budget, u32);
+        let now = 1_000_000i64;
+        let mut cases: Vec<Case> = Vec::new();
+        for cooldown_until in [0, now - 1, now, now + 1] {
+            for breaker_open_until in [0, now, now + 1] {
+                for running in 0..4 {
+                    for calls in 0..5 {
+                        for tokens in [0, 99, 100, 101] {
+                            for (rpm, concurrency) in [(1, 1), (3, 2), (2, 3), (10, 10)] {
+                                for tpm in [None, Some(100)] {
+                                    for max_jobs in [0u32, 1, 2, 5] {
+                                        let usage = budget::Usage {
+                                            cooldown_until,
+                                            breaker_open_until,
+                                            running,
+                                            calls,
+                                            tokens,
+                                            oldest_second: Some(now / 1000 - 30),
+                                        };
+                                        let b = Budget {
+                                            rpm,
+                                            concurrency,
+                                            tpm,
+                                        };
+                                        cases.push((usage, b, max_jobs));
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let col = |f: &dyn Fn(&Case) -> Option<i64>| cases.iter().map(f).collect::<Vec<_>>();
+        let result = async {
+            let store = store?;
+            let got: Vec<(i64,)> = sqlx::query_as(
+                "SELECT orch_admit(c, b, r, k, t, $9, rpm, conc, tpm, mj) \
+                 FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], \
+                 $6::bigint[], $7::bigint[], $8::bigint[], $10::bigint[]) WITH ORDINALITY \
+                 AS g(c, b, r, k, t, rpm, conc, tpm, mj, i) ORDER BY i",
+            )
+            .bind(col(&|c| Some(c.0.cooldown_until)))
+            .bind(col(&|c| Some(c.0.breaker_open_until)))
+            .bind(col(&|c| Some(c.0.running)))
+            .bind(col(&|c| Some(c.0.calls)))
+            .bind(col(&|c| Some(c.0.tokens)))
+            .bind(col(&|c| Some(i64::from(c.1.rpm))))
+            .bind(col(&|c| Some(i64::from(c.1.concurrency))))
+            .bind(col(&|c| c.1.tpm.map(i64::from)))
+            .bind(now)
+            .bind(col(&|c| Some(i64::from(c.2))))
+            .fetch_all(&store.pool)
+            .await?;
+            store.pool.close().await;
+            StoreResult::Ok(got)
+        }
+        .await;
+        let _ = admin
+            .execute(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+            )))
+            .await;
+        let got = result.unwrap();
+        assert_eq!(got.len(), cases.len());
+        let mut admitted = 0;
+        for ((usage, b, max_jobs), (sql,)) in cases.iter().zip(got) {
+            let rust = budget::admit(usage, b, now, *max_jobs).unwrap_or(0);
+            assert_eq!(sql, rust, "{usage:?} {b:?} max_jobs {max_jobs}");
+            admitted += usize::from(rust > 0);
+        }
+        // The grid exercises both outcomes, and limits above one.
+        assert!(admitted > 0 && admitted < cases.len());
+    }
 }

@@ -3,8 +3,15 @@
 //! Notifications are transient: those sent while our connection was down are gone. So
 //! after every (re)connection but the first, every pool and every waiter is woken to look
 //! at the database itself; the slow polls stay as the last safety net.
+//!
+//! Postgres delivers our own notifications to our listener too. "Look at provider P"
+//! from our own connections is dropped: whatever this instance queues, requeues or ends
+//! already wakes its pools in-process, and the echo only cost an empty lease per call.
+//! "Job J finished" is always dispatched (a rescue here may end a job a local waiter
+//! watches, which nothing else here signals).
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sqlx::postgres::{PgListener, PgPool};
@@ -15,7 +22,28 @@ use crate::queue::Signals;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
-pub async fn run(pool: PgPool, signals: Arc<Signals>, stop: CancellationToken) {
+/// The server process ids of this instance's connections, recorded as each opens. A
+/// closed connection's id stays: should the server reuse it for another instance's
+/// connection, that instance's provider news would reach us by the slow poll only.
+#[derive(Clone, Default)]
+pub struct OwnBackends(Arc<Mutex<HashSet<u32>>>);
+
+impl OwnBackends {
+    pub fn add(&self, pid: i32) {
+        if let Ok(pid) = u32::try_from(pid) {
+            self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(pid);
+        }
+    }
+
+    fn contains(&self, pid: u32) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&pid)
+    }
+}
+
+pub async fn run(pool: PgPool, own: OwnBackends, signals: Arc<Signals>, stop: CancellationToken) {
     let mut connected_before = false;
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -47,7 +75,12 @@ pub async fn run(pool: PgPool, signals: Arc<Signals>, stop: CancellationToken) {
                 _ = stop.cancelled() => return,
             };
             match got {
-                Ok(Some(n)) => dispatch(&signals, n.channel(), n.payload()),
+                Ok(Some(n)) => {
+                    if n.channel() == CHANNEL_PROVIDER && own.contains(n.process_id()) {
+                        continue;
+                    }
+                    dispatch(&signals, n.channel(), n.payload())
+                }
                 // The connection dropped and sqlx re-established it (re-listening):
                 // whatever was sent in between is lost, so everyone looks again.
                 Ok(None) => {

@@ -247,30 +247,66 @@ async fn notify_providers(conn: &mut PgConnection, providers: &[String]) -> Stor
 
 /// A call of `orch_lease` (see migrations/postgres/0003_round_trips.sql): every row
 /// carries what the lease read; the job columns are NULL when it took none.
+/// The rows of a lease function (`orch_lease` or `orch_insert_and_lease`), called as
+/// `$call`: what it read, then the job's columns by name (not `(l.job).*`): a column added
+/// to `jobs` later must not change the result type of this statement, prepared on running
+/// instances.
+macro_rules! lease_select {
+    ($call:literal) => {
+        concat!(
+            "SELECT l.u_now, l.u_cooldown_until, l.u_breaker_open_until, l.u_running, l.u_calls, \
+             l.u_tokens, l.u_oldest, l.u_limit, l.u_next_due, j.* FROM ",
+            $call,
+            " l CROSS JOIN LATERAL (SELECT ",
+            job_columns!(),
+            " FROM (SELECT (l.job).*) x) j"
+        )
+    };
+}
+
 fn lease_query(
     req: &LeaseRequest,
     write: bool,
 ) -> sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments> {
-    // The job's columns by name (not `(l.job).*`): a column added to `jobs` later must
-    // not change the result type of this statement, prepared on running instances.
-    sqlx::query(concat!(
-        "SELECT l.u_now, l.u_cooldown_until, l.u_breaker_open_until, l.u_running, l.u_calls, \
-         l.u_tokens, l.u_oldest, l.u_limit, l.u_next_due, j.* \
-         FROM orch_lease($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) l \
-         CROSS JOIN LATERAL (SELECT ",
-        job_columns!(),
-        " FROM (SELECT (l.job).*) x) j"
-    ))
-    .bind(&req.provider)
-    .bind(&req.instance)
-    .bind(&req.model)
-    .bind(req.lease_ms)
-    .bind(i64::from(req.max_jobs))
-    .bind(i64::from(req.budget.rpm))
-    .bind(i64::from(req.budget.concurrency))
-    .bind(req.budget.tpm.map(i64::from))
-    .bind(RATE_WINDOW_MS)
+    bind_lease(
+        sqlx::query(lease_select!(
+            "orch_lease($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+        )),
+        req,
+    )
     .bind(write)
+}
+
+/// Binds the lease parameters of `orch_lease` (all but `p_write`).
+fn bind_lease<'q>(
+    q: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
+    req: &'q LeaseRequest,
+) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
+    q.bind(&req.provider)
+        .bind(&req.instance)
+        .bind(&req.model)
+        .bind(req.lease_ms)
+        .bind(i64::from(req.max_jobs))
+        .bind(i64::from(req.budget.rpm))
+        .bind(i64::from(req.budget.concurrency))
+        .bind(req.budget.tpm.map(i64::from))
+        .bind(RATE_WINDOW_MS)
+}
+
+/// The lease that rows of a writing lease function stand for.
+fn written_lease(rows: Vec<sqlx::postgres::PgRow>, req: &LeaseRequest) -> StoreResult<Lease> {
+    let (head, jobs) = lease_rows(rows)?;
+    let jobs = jobs
+        .into_iter()
+        .map(|row| {
+            let job = Job::try_from(row)?;
+            Ok(LeasedJob {
+                attempt_n: job.attempt_count,
+                job,
+            })
+        })
+        .collect::<StoreResult<Vec<_>>>()?;
+    Ok(head.lease(req, jobs))
 }
 
 /// What a lease read about its provider, and what the database decided from it.
@@ -402,6 +438,54 @@ impl QueueStore for PostgresStore {
         Ok(Inserted::Existing(Box::new(row.try_into()?)))
     }
 
+    async fn insert_and_lease(
+        &self,
+        job: &NewJob,
+        req: &LeaseRequest,
+    ) -> StoreResult<(Inserted, Lease)> {
+        if req.budget.tpm.is_some() {
+            // The tpm lease needs Rust between pick and write: two transactions.
+            let inserted = self.insert_job(job).await?;
+            let leased = match inserted {
+                Inserted::New => self.lease(req).await?,
+                Inserted::Existing(_) => Lease::default(),
+            };
+            return Ok((inserted, leased));
+        }
+        // One round trip, one commit: insert, then the ordinary lease.
+        let provider = job.chain.get(job.hop).cloned().unwrap_or_default();
+        let q = sqlx::query(lease_select!(
+            "orch_insert_and_lease($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
+             $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)"
+        ))
+        .bind(&job.id)
+        .bind(&job.task)
+        .bind(job.priority)
+        .bind(chain_json(&job.chain))
+        .bind(job.hop as i64)
+        .bind(&provider)
+        .bind(&job.request)
+        .bind(i64::from(job.stream))
+        .bind(job.caller.as_deref().unwrap_or(""))
+        .bind(&job.idempotency_key)
+        .bind(&job.pinned_instance)
+        .bind(job.created_at)
+        .bind(job.deadline_at)
+        .bind(&job.batch_id)
+        .bind(&job.custom_id);
+        let rows = bind_lease(q, req).fetch_all(&self.pool).await?;
+        if rows.is_empty() {
+            // The idempotency key repeated: nothing was written.
+            return Ok((self.insert_job(job).await?, Lease::default()));
+        }
+        let lease = written_lease(rows, req)?;
+        if !lease.jobs.iter().any(|l| l.job.id == job.id) {
+            // The job waits: other instances may lease it.
+            self.news.send(CHANNEL_PROVIDER, provider);
+        }
+        Ok((Inserted::New, lease))
+    }
+
     async fn insert_jobs(&self, jobs: &[NewJob]) -> StoreResult<()> {
         if jobs.is_empty() {
             return Ok(());
@@ -484,18 +568,7 @@ impl QueueStore for PostgresStore {
         // write are one call of `orch_lease`, one round trip in its own transaction.
         if req.budget.tpm.is_none() {
             let rows = lease_query(req, true).fetch_all(&self.pool).await?;
-            let (head, jobs) = lease_rows(rows)?;
-            let jobs = jobs
-                .into_iter()
-                .map(|row| {
-                    let job = Job::try_from(row)?;
-                    Ok(LeasedJob {
-                        attempt_n: job.attempt_count,
-                        job,
-                    })
-                })
-                .collect::<StoreResult<Vec<_>>>()?;
-            return Ok(head.lease(req, jobs));
+            return written_lease(rows, req);
         }
         // With tpm each job books its token estimate, which Rust computes from the picked
         // row: pick under the lock, then write, in one transaction.

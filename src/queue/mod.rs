@@ -59,6 +59,21 @@ pub enum RescueScope<'a> {
     All,
 }
 
+/// `QueueStore::insert_and_lease` in two transactions: the insert, then (for a new job)
+/// the lease.
+pub async fn insert_then_lease<S: QueueStore + ?Sized>(
+    store: &S,
+    job: &NewJob,
+    lease: &LeaseRequest,
+) -> StoreResult<(Inserted, Lease)> {
+    let inserted = store.insert_job(job).await?;
+    let leased = match inserted {
+        Inserted::New => store.lease(lease).await?,
+        Inserted::Existing(_) => Lease::default(),
+    };
+    Ok((inserted, leased))
+}
+
 /// Everything the gateway asks of its database. One implementation per backend
 /// (SQLite, Postgres), one conformance suite run against both.
 #[async_trait]
@@ -86,12 +101,7 @@ pub trait QueueStore: Send + Sync + 'static {
         job: &NewJob,
         lease: &LeaseRequest,
     ) -> StoreResult<(Inserted, Lease)> {
-        let inserted = self.insert_job(job).await?;
-        let leased = match inserted {
-            Inserted::New => self.lease(lease).await?,
-            Inserted::Existing(_) => Lease::default(),
-        };
-        Ok((inserted, leased))
+        insert_then_lease(self, job, lease).await
     }
 
     /// Inserts many jobs in one transaction (batch lines). Idempotency keys are not used.

@@ -445,12 +445,7 @@ impl QueueStore for PostgresStore {
     ) -> StoreResult<(Inserted, Lease)> {
         if req.budget.tpm.is_some() {
             // The tpm lease needs Rust between pick and write: two transactions.
-            let inserted = self.insert_job(job).await?;
-            let leased = match inserted {
-                Inserted::New => self.lease(req).await?,
-                Inserted::Existing(_) => Lease::default(),
-            };
-            return Ok((inserted, leased));
+            return super::insert_then_lease(self, job, req).await;
         }
         // One round trip, one commit: insert, then the ordinary lease.
         let provider = job.chain.get(job.hop).cloned().unwrap_or_default();

@@ -126,6 +126,7 @@ impl App {
             tracker: TaskTracker::new(),
             batch_nudge: tokio::sync::Notify::new(),
             slots: Mutex::new(Default::default()),
+            accepting: Default::default(),
         });
         worker::refresh(&shared).await;
         shared

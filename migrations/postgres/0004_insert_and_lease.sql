@@ -1,7 +1,10 @@
 -- Accept and lease in one round trip and one commit (`QueueStore::insert_and_lease`):
 -- inserts a job unless its idempotency key repeats, and when it was new leases exactly as
 -- `orch_lease` does, all in the calling statement's own transaction. On a repeated key it
--- returns no row and writes nothing.
+-- returns no row and writes nothing. When another transaction holds the provider's lease
+-- lock it does not wait for it (under load that would queue every request behind every
+-- other's commit): the job is inserted, and one row with `u_limit = -1` says that nothing
+-- was leased, so the pool leases it with others.
 CREATE FUNCTION orch_insert_and_lease(
     p_id text, p_task text, p_priority bigint, p_chain text, p_hop bigint, p_job_provider text,
     p_request text, p_stream bigint, p_caller text, p_idempotency_key text,
@@ -21,6 +24,13 @@ BEGIN
         p_created_at, p_batch_id, p_custom_id)
     ON CONFLICT (caller, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING;
     IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    IF NOT pg_try_advisory_xact_lock(1869767528, hashtext(p_provider)) THEN
+        u_now := (extract(epoch from clock_timestamp()) * 1000)::bigint;
+        u_cooldown_until := 0; u_breaker_open_until := 0; u_running := 0; u_calls := 0;
+        u_tokens := 0; u_limit := -1;
+        RETURN NEXT;
         RETURN;
     END IF;
     RETURN QUERY SELECT * FROM orch_lease(p_provider, p_instance, p_model, p_lease_ms,

@@ -293,6 +293,15 @@ fn bind_lease<'q>(
         .bind(RATE_WINDOW_MS)
 }
 
+/// `orch_insert_and_lease` inserted but did not wait for a busy lease lock (`u_limit = -1`).
+fn lease_skipped(rows: &[sqlx::postgres::PgRow]) -> StoreResult<bool> {
+    use sqlx::Row;
+    Ok(match rows {
+        [only] => only.try_get::<i64, _>(7)? == -1,
+        _ => false,
+    })
+}
+
 /// The lease that rows of a writing lease function stand for.
 fn written_lease(rows: Vec<sqlx::postgres::PgRow>, req: &LeaseRequest) -> StoreResult<Lease> {
     let (head, jobs) = lease_rows(rows)?;
@@ -473,7 +482,12 @@ impl QueueStore for PostgresStore {
             // The idempotency key repeated: nothing was written.
             return Ok((self.insert_job(job).await?, Lease::default()));
         }
-        let lease = written_lease(rows, req)?;
+        let lease = if lease_skipped(&rows)? {
+            // Another lease held the provider's lock: the job is queued for the pool.
+            Lease::default()
+        } else {
+            written_lease(rows, req)?
+        };
         if !lease.jobs.iter().any(|l| l.job.id == job.id) {
             // The job waits: other instances may lease it.
             self.news.send(CHANNEL_PROVIDER, provider);

@@ -3,8 +3,13 @@
 //! and starts the call itself, instead of waking the pool to lease in a transaction of
 //! its own. The lease is the pool's ordinary one, so budgets, priorities and order hold:
 //! it may hand back an older job than the request's, or none (the pool then takes over).
+//!
+//! Only a request that is accepted alone does this. Under load the pool leases many jobs
+//! per transaction, which costs less than one lease per request, and on Postgres a lease
+//! per request would queue every request behind the provider's lease lock.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::{Shared, pool};
 use crate::queue::{Inserted, NewJob, StoreResult};
@@ -13,10 +18,12 @@ use crate::queue::{Inserted, NewJob, StoreResult};
 /// what the queue gives at once. Either way the job is committed when this returns.
 pub async fn insert_and_start(shared: &Arc<Shared>, job: &NewJob) -> StoreResult<Inserted> {
     let name = &job.chain[job.hop];
+    let alone = shared.accepting.fetch_add(1, Ordering::AcqRel) == 0;
+    let _accepting = Accepting(&shared.accepting);
     let slot = shared
         .providers
         .get(name)
-        .filter(|_| !shared.stop_leasing.is_cancelled())
+        .filter(|_| alone && !shared.stop_leasing.is_cancelled())
         .and_then(|provider| {
             let cfg = provider.config();
             let permit = shared
@@ -52,4 +59,13 @@ pub async fn insert_and_start(shared: &Arc<Shared>, job: &NewJob) -> StoreResult
         None => shared.signals.wake_pool(name),
     }
     Ok(inserted)
+}
+
+/// Counts a request as being accepted until its insert is committed (or it gave up).
+struct Accepting<'a>(&'a AtomicUsize);
+
+impl Drop for Accepting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }

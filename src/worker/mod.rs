@@ -49,6 +49,8 @@ pub struct Shared {
     /// Per provider: this instance's call slots, shared by its pool and by requests that
     /// start their call directly (`direct`).
     pub slots: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    /// Requests between "insert" and "committed" now (see `direct`).
+    pub accepting: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {

@@ -100,39 +100,56 @@ async fn rpm_window_slides_after_sixty_seconds() {
     );
 }
 
-/// Requests that start their own call and the pool share the call slots: under a steady
-/// stream of requests no leased job may find its slot taken (it would sit `running`
-/// without a call until its lease expired and be run again as a `lost` attempt).
+/// Requests that start their own call and the pool share the call slots: while the pool
+/// works through a backlog, a request accepted alone takes a slot itself. No leased job
+/// may find its slot taken (it would sit `running` without a call until its lease
+/// expired and run again as a `lost` attempt). `synchronous=FULL` sends every write to
+/// the writer thread, so the pool's lease yields and a request can come in between.
 #[tokio::test]
 async fn requests_and_the_pool_share_call_slots_without_losing_a_lease() {
     let fake = FakeOpenAi::start().await;
     fake.set_latency(Duration::from_millis(2));
-    let app = spawn_app(Options::new(
-        openai_provider("up", &fake.base_url(), "rpm = 100000\nconcurrency = 4"),
-        router_yaml(&["up"], ""),
-    ))
+    let app = spawn_app(
+        Options::new(
+            openai_provider("up", &fake.base_url(), "rpm = 100000\nconcurrency = 4"),
+            router_yaml(&["up"], ""),
+        )
+        .env("ORCH_SQLITE_SYNCHRONOUS", "FULL"),
+    )
     .await;
-    let clients = (0..24).map(|c| {
+    // A backlog that keeps the pool leasing, sent by several clients at a steady pace.
+    let backlog = (0..8).map(|c| {
         let app = &app;
         async move {
             let mut ids = vec![];
-            for i in 0..15 {
-                let resp = app.chat(user(&format!("client {c} request {i}"))).await;
-                assert_eq!(resp.status(), 200);
+            for i in 0..25 {
+                tokio::time::sleep(Duration::from_millis(3)).await;
+                let resp = app
+                    .chat_with(user(&format!("async {c}/{i}")), &[("x-orch-async", "true")])
+                    .await;
+                assert_eq!(resp.status(), 202);
                 ids.push(req_id(&resp));
             }
             ids
         }
     });
-    let ids: Vec<String> = futures::future::join_all(clients)
-        .await
-        .into_iter()
-        .flatten()
-        .collect();
-    assert_eq!(fake.call_count(), ids.len());
-    assert!(fake.max_in_flight() <= 4);
+    // Meanwhile one client alone: its requests start their calls themselves.
+    let alone = async {
+        let mut ids = vec![];
+        for i in 0..100 {
+            let resp = app.chat(user(&format!("alone {i}"))).await;
+            assert_eq!(resp.status(), 200);
+            ids.push(req_id(&resp));
+        }
+        ids
+    };
+    let (backlog, alone) = tokio::join!(futures::future::join_all(backlog), alone);
+    let ids: Vec<String> = backlog.into_iter().flatten().chain(alone).collect();
     for id in &ids {
-        let job = app.job(id).await;
+        let job = app.wait_job(id, Duration::from_secs(30)).await;
+        assert_eq!(job["status"], "succeeded", "{job}");
         assert_eq!(job["attempts"].as_array().map(Vec::len), Some(1), "{job}");
     }
+    assert_eq!(fake.call_count(), ids.len());
+    assert!(fake.max_in_flight() <= 4);
 }

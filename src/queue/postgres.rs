@@ -59,6 +59,20 @@ pub struct PostgresStore {
 }
 
 impl PostgresStore {
+    /// The job an insert's repeated idempotency key names.
+    async fn existing(&self, job: &NewJob) -> StoreResult<Inserted> {
+        let row: JobRow = sqlx::query_as(concat!(
+            "SELECT ",
+            job_columns!(),
+            " FROM jobs WHERE caller = $1 AND idempotency_key = $2"
+        ))
+        .bind(job.caller.as_deref().unwrap_or(""))
+        .bind(&job.idempotency_key)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Inserted::Existing(Box::new(row.try_into()?)))
+    }
+
     /// Connects and applies the migrations (concurrent starts are safe: sqlx migrates
     /// under an advisory lock).
     pub async fn connect(url: &str) -> StoreResult<Self> {
@@ -435,16 +449,7 @@ impl QueueStore for PostgresStore {
             self.news.send(CHANNEL_PROVIDER, provider);
             return Ok(Inserted::New);
         }
-        let row: JobRow = sqlx::query_as(concat!(
-            "SELECT ",
-            job_columns!(),
-            " FROM jobs WHERE caller = $1 AND idempotency_key = $2"
-        ))
-        .bind(job.caller.as_deref().unwrap_or(""))
-        .bind(&job.idempotency_key)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(Inserted::Existing(Box::new(row.try_into()?)))
+        self.existing(job).await
     }
 
     async fn insert_and_lease(
@@ -480,7 +485,7 @@ impl QueueStore for PostgresStore {
         let rows = bind_lease(q, req).fetch_all(&self.pool).await?;
         if rows.is_empty() {
             // The idempotency key repeated: nothing was written.
-            return Ok((self.insert_job(job).await?, Lease::default()));
+            return Ok((self.existing(job).await?, Lease::default()));
         }
         let lease = if lease_skipped(&rows)? {
             // Another lease held the provider's lock: the job is queued for the pool.

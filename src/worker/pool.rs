@@ -47,6 +47,7 @@ pub async fn run(shared: Arc<Shared>, name: String) {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(provider = %name, error = %e, "lease failed; retrying");
+                drop(reserved);
                 nap(&notify, &shared.stop_leasing, POLL, false).await;
                 continue;
             }
@@ -64,6 +65,9 @@ pub async fn run(shared: Arc<Shared>, name: String) {
             }
             continue;
         }
+        // Nothing leased: the slots go back before the pool sleeps, or requests that
+        // would start their own call (`direct`) find none free all the while.
+        drop(reserved);
         let now = chrono::Utc::now().timestamp_millis();
         let until = |t: i64| Duration::from_millis(u64::try_from(t - now).unwrap_or(0).max(1));
         match lease.blocked {

@@ -100,6 +100,24 @@ async fn rpm_window_slides_after_sixty_seconds() {
     );
 }
 
+/// A pool that found nothing to lease gives its reserved call slots back before it
+/// sleeps: requests that come while it sleeps start their own calls (`direct`).
+#[tokio::test]
+async fn an_idle_pool_holds_no_call_slots() {
+    let fake = FakeOpenAi::start().await;
+    let app = spawn_app(Options::new(
+        openai_provider("up", &fake.base_url(), "concurrency = 3"),
+        router_yaml(&["up"], ""),
+    ))
+    .await;
+    for i in 0..3 {
+        assert_eq!(app.chat(user(&format!("hello {i}"))).await.status(), 200);
+        // The pool looks at the queue after each call and finds it empty.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(app.shared.slots_of("up", 3).available_permits(), 3);
+    }
+}
+
 /// Requests that start their own call and the pool share the call slots: while the pool
 /// works through a backlog, a request accepted alone takes a slot itself. No leased job
 /// may find its slot taken (it would sit `running` without a call until its lease

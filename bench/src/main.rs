@@ -281,6 +281,9 @@ async fn main() {
             format!("idle {:.1} MB, peak {:.1} MB", r.idle_rss_mb, r.peak_rss_mb),
         );
     }
+    if let Some(admin) = &args.postgres {
+        drop_pg_databases(admin).await;
+    }
 }
 
 fn print_progress(r: &Row) {
@@ -312,10 +315,17 @@ fn mem_total() -> String {
         .unwrap_or_default()
 }
 
+/// The databases this run created, dropped at its end.
+static CREATED_DATABASES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
 /// A new empty database on the Postgres server of `admin`; returns its URL.
 async fn fresh_pg_database(admin: &str) -> String {
     use sqlx::Connection;
     let name = format!("orch_bench_{}", uuid::Uuid::now_v7().simple());
+    CREATED_DATABASES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(name.clone());
     let mut conn = sqlx::PgConnection::connect(admin)
         .await
         .expect("postgres reachable");
@@ -326,6 +336,29 @@ async fn fresh_pg_database(admin: &str) -> String {
     let base = admin.split('?').next().unwrap_or(admin);
     let (prefix, _) = base.rsplit_once('/').expect("database URL has a path");
     format!("{prefix}/{name}")
+}
+
+/// Drops the databases of this run (the gateways that used them have stopped).
+async fn drop_pg_databases(admin: &str) {
+    use sqlx::Connection;
+    let names = std::mem::take(&mut *CREATED_DATABASES.lock().unwrap_or_else(|e| e.into_inner()));
+    let Ok(mut conn) = sqlx::PgConnection::connect(admin).await else {
+        eprintln!(
+            "cannot connect to drop the benchmark's databases: {}",
+            names.join(", ")
+        );
+        return;
+    };
+    for name in names {
+        let dropped = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+        )))
+        .execute(&mut conn)
+        .await;
+        if let Err(e) = dropped {
+            eprintln!("cannot drop database {name}: {e}");
+        }
+    }
 }
 
 /// Mean time of one durable commit on this Postgres.

@@ -12,7 +12,12 @@
 //!   commit), or, on the hot paths (a job queued, an attempt ended), right after it
 //!   commits (see `News`).
 
+#[macro_use]
+mod conns;
+mod grouped;
 mod listener;
+mod nodelay;
+mod writes;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,16 +49,58 @@ const CHANNEL_PROVIDER: &str = "orch_provider";
 /// "Job J finished": waiters re-read the row. Payload: the job id.
 const CHANNEL_FINISHED: &str = "orch_job_finished";
 
-/// Connections per instance: pools, request handlers and the listener share them.
-const POOL_SIZE: u32 = 16;
+/// Connections per instance for the statements each request makes (`conns`) and for
+/// everything else (sqlx's pool; the listener has one more of its own).
+const HOT_CONNECTIONS: usize = 16;
+const POOL_SIZE: u32 = 8;
+
+/// Another instance that heartbeated this recently counts as listening for our news.
+/// Instances beat every few seconds (at most 5 s apart, see `worker::rescuer`).
+const PEER_WINDOW_MS: i64 = 15_000;
+
+/// Groups of inserts (and of attempt ends) under way at once: while they are, new ones
+/// wait and then go out together (see `grouped`).
+const GROUPS_IN_FLIGHT: usize = 2;
+
+/// How long a statement may wait for a connection before it fails: while the database is
+/// down, callers log and retry (and `/healthz` answers) instead of queueing.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Writes of one kind in groups (see `grouped`): each group is one statement of
+/// `$write(&mut PgConnection, &[item])` on a connection of `$conns`.
+macro_rules! grouped_writes {
+    ($conns:expr, $write:path) => {{
+        let conns = $conns.clone();
+        grouped::Grouped::new(GROUPS_IN_FLIGHT, move |items: Vec<_>| {
+            let conns = conns.clone();
+            async move {
+                grouped::all_or_each(items, |group| {
+                    let conns = conns.clone();
+                    async move { Ok(on_conn!(conns, |c| $write(c, &group))?) }
+                })
+                .await
+            }
+        })
+    }};
+}
 
 /// A pooled connection idle this long is pinged before use.
 const IDLE_CHECK: Duration = Duration::from_secs(1);
 
 pub struct PostgresStore {
     pool: PgPool,
+    conns: Arc<conns::Conns>,
+    /// Jobs accepted by requests, inserted in groups: provider if new, `None` if the
+    /// idempotency key repeated.
+    inserts: grouped::Grouped<NewJob, Option<String>>,
+    /// Attempts' ends, written in groups: whether the lease was still held.
+    finishes: grouped::Grouped<AttemptFinish, bool>,
     /// The server processes of our pool's connections.
     own: listener::OwnBackends,
+    /// Whether other instances may hear our news (sent only then).
+    peers: listener::Peers,
+    /// This instance announced itself (at its first heartbeat).
+    announced: std::sync::atomic::AtomicBool,
     news: News,
     batches: super::postgres_batches::PgBatchStore,
 }
@@ -61,15 +108,14 @@ pub struct PostgresStore {
 impl PostgresStore {
     /// The job an insert's repeated idempotency key names.
     async fn existing(&self, job: &NewJob) -> StoreResult<Inserted> {
-        let row: JobRow = sqlx::query_as(concat!(
+        let row = sqlx::query_as::<_, JobRow>(concat!(
             "SELECT ",
             job_columns!(),
             " FROM jobs WHERE caller = $1 AND idempotency_key = $2"
         ))
         .bind(job.caller.as_deref().unwrap_or(""))
-        .bind(&job.idempotency_key)
-        .fetch_one(&self.pool)
-        .await?;
+        .bind(&job.idempotency_key);
+        let row = on_conn!(self.conns, |c| row.fetch_one(c))?;
         Ok(Inserted::Existing(Box::new(row.try_into()?)))
     }
 
@@ -82,12 +128,11 @@ impl PostgresStore {
             .map_err(|e| StoreError::Open(format!("bad Postgres URL: {e}")))?;
         let own = listener::OwnBackends::default();
         let own_for_pool = own.clone();
+        let server_port = options.get_port();
         let pool = PgPoolOptions::new()
             .max_connections(POOL_SIZE)
             .min_connections(1)
-            // Fail fast while the database is down, so callers log and retry (and
-            // `/healthz` answers) instead of queueing behind a dead pool.
-            .acquire_timeout(Duration::from_secs(3))
+            .acquire_timeout(ACQUIRE_TIMEOUT)
             // sqlx pings every connection it hands out: a round trip more per statement.
             // Only connections idle for a while are checked (after a database restart
             // they are all dead); a busy pool's connections were just used, and sqlx
@@ -96,10 +141,7 @@ impl PostgresStore {
             .after_connect(move |conn, _| {
                 let own = own_for_pool.clone();
                 Box::pin(async move {
-                    let (pid,): (i32,) = sqlx::query_as("SELECT pg_backend_pid()")
-                        .fetch_one(&mut *conn)
-                        .await?;
-                    own.add(pid);
+                    own.add(nodelay::backend_pid_and_nodelay(conn, server_port).await?);
                     Ok(())
                 })
             })
@@ -112,13 +154,27 @@ impl PostgresStore {
                     Ok(true)
                 })
             })
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(|e| StoreError::Open(format!("cannot connect to Postgres: {e}")))?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        let peers = listener::Peers::default();
+        let conns = Arc::new(conns::Conns::new(
+            options,
+            HOT_CONNECTIONS,
+            own.clone(),
+            ACQUIRE_TIMEOUT,
+        ));
+        let inserts = grouped_writes!(conns, writes::insert_jobs);
+        let finishes = grouped_writes!(conns, writes::finish_attempts);
         Ok(Self {
             batches: super::postgres_batches::PgBatchStore::new(pool.clone()),
-            news: News::start(pool.clone()),
+            news: News::start(conns.clone(), peers.clone()),
+            peers,
+            announced: Default::default(),
+            inserts,
+            finishes,
+            conns,
             pool,
             own,
         })
@@ -210,23 +266,31 @@ impl PostgresStore {
 /// They are hints either way (see `listener`): one lost to a crash between the commit and
 /// the notification costs other instances a slow poll, as one missed while their
 /// listener reconnects does.
-struct News(tokio::sync::mpsc::UnboundedSender<(&'static str, String)>);
+///
+/// Nothing is sent while no other instance is there to hear it (see `listener::Peers`):
+/// everything this instance does it also signals in-process.
+struct News {
+    tx: tokio::sync::mpsc::UnboundedSender<(&'static str, String)>,
+    peers: listener::Peers,
+}
 
 impl News {
-    fn start(pool: PgPool) -> Self {
+    fn start(conns: Arc<conns::Conns>, peers: listener::Peers) -> Self {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(&'static str, String)>();
         // Ends when the store (the only sender) is dropped and the queue is sent.
         tokio::spawn(async move {
             let mut batch = Vec::new();
             while rx.recv_many(&mut batch, 512).await > 0 {
                 let (channels, payloads): (Vec<&str>, Vec<String>) = batch.drain(..).unzip();
-                let sent = sqlx::query(
-                    "SELECT count(*) FROM (SELECT pg_notify(c, p) \
-                     FROM unnest($1::text[], $2::text[]) AS n(c, p)) s",
-                )
-                .bind(&channels)
-                .bind(&payloads)
-                .execute(&pool)
+                let sent = async {
+                    let notify = sqlx::query(
+                        "SELECT count(*) FROM (SELECT pg_notify(c, p) \
+                         FROM unnest($1::text[], $2::text[]) AS n(c, p)) s",
+                    )
+                    .bind(&channels)
+                    .bind(&payloads);
+                    Ok::<_, StoreError>(on_conn!(conns, |c| notify.execute(c))?)
+                }
                 .await;
                 if let Err(e) = sent {
                     tracing::warn!(error = %e, news = channels.len(),
@@ -234,11 +298,17 @@ impl News {
                 }
             }
         });
-        Self(tx)
+        Self { tx, peers }
     }
 
     fn send(&self, channel: &'static str, payload: String) {
-        let _ = self.0.send((channel, payload));
+        if self.peers.present() {
+            self.send_anyway(channel, payload);
+        }
+    }
+
+    fn send_anyway(&self, channel: &'static str, payload: String) {
+        let _ = self.tx.send((channel, payload));
     }
 }
 
@@ -420,36 +490,13 @@ impl QueueStore for PostgresStore {
     }
 
     async fn insert_job(&self, job: &NewJob) -> StoreResult<Inserted> {
-        let provider = job.chain.get(job.hop).cloned().unwrap_or_default();
-        let inserted: Option<(String,)> = sqlx::query_as(
-            "INSERT INTO jobs (id, task, status, priority, chain, hop, provider, request, \
-             stream, caller, idempotency_key, pinned_instance, run_at, deadline_at, created_at, batch_id, \
-             custom_id) VALUES ($1, $2, 'queued', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $12, $14, $15) \
-             ON CONFLICT (caller, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING \
-             RETURNING provider",
-        )
-        .bind(&job.id)
-        .bind(&job.task)
-        .bind(job.priority)
-        .bind(chain_json(&job.chain))
-        .bind(job.hop as i64)
-        .bind(provider)
-        .bind(&job.request)
-        .bind(i64::from(job.stream))
-        .bind(job.caller.as_deref().unwrap_or(""))
-        .bind(&job.idempotency_key)
-        .bind(&job.pinned_instance)
-        .bind(job.created_at)
-        .bind(job.deadline_at)
-        .bind(&job.batch_id)
-        .bind(&job.custom_id)
-        .fetch_optional(&self.pool)
-        .await?;
-        if let Some((provider,)) = inserted {
-            self.news.send(CHANNEL_PROVIDER, provider);
-            return Ok(Inserted::New);
+        match self.inserts.submit(job.clone()).await? {
+            Some(provider) => {
+                self.news.send(CHANNEL_PROVIDER, provider);
+                Ok(Inserted::New)
+            }
+            None => self.existing(job).await,
         }
-        self.existing(job).await
     }
 
     async fn insert_and_lease(
@@ -482,7 +529,8 @@ impl QueueStore for PostgresStore {
         .bind(job.deadline_at)
         .bind(&job.batch_id)
         .bind(&job.custom_id);
-        let rows = bind_lease(q, req).fetch_all(&self.pool).await?;
+        let q = bind_lease(q, req);
+        let rows = on_conn!(self.conns, |c| q.fetch_all(c))?;
         if rows.is_empty() {
             // The idempotency key repeated: nothing was written.
             return Ok((self.existing(job).await?, Lease::default()));
@@ -508,45 +556,13 @@ impl QueueStore for PostgresStore {
         let mut providers: Vec<String> = Vec::new();
         // One statement per chunk of lines: a batch of thousands is a few round trips.
         for chunk in jobs.chunks(1000) {
-            let col = |f: &dyn Fn(&NewJob) -> String| chunk.iter().map(f).collect::<Vec<_>>();
-            let opt =
-                |f: &dyn Fn(&NewJob) -> Option<String>| chunk.iter().map(f).collect::<Vec<_>>();
-            let int = |f: &dyn Fn(&NewJob) -> i64| chunk.iter().map(f).collect::<Vec<_>>();
-            let provider_of = |j: &NewJob| j.chain.get(j.hop).cloned().unwrap_or_default();
             for j in chunk {
-                let p = provider_of(j);
+                let p = writes::provider_of(j);
                 if !providers.contains(&p) {
                     providers.push(p);
                 }
             }
-            sqlx::query(
-                "INSERT INTO jobs (id, task, status, priority, chain, hop, provider, request, stream, \
-                 caller, idempotency_key, pinned_instance, run_at, deadline_at, created_at, batch_id, custom_id) \
-                 SELECT id, task, 'queued', priority, chain, hop, provider, request, stream, caller, ikey, \
-                 pinned, created_at, deadline_at, created_at, batch_id, custom_id \
-                 FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::bigint[], $6::text[], \
-                 $7::text[], $8::bigint[], $9::text[], $10::text[], $11::text[], $12::bigint[], $13::bigint[], \
-                 $14::text[], $15::text[]) AS t(id, task, priority, chain, hop, provider, request, stream, \
-                 caller, ikey, pinned, created_at, deadline_at, batch_id, custom_id) \
-                 ON CONFLICT (caller, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
-            )
-            .bind(col(&|j| j.id.clone()))
-            .bind(col(&|j| j.task.clone()))
-            .bind(int(&|j| j.priority))
-            .bind(col(&|j| chain_json(&j.chain)))
-            .bind(int(&|j| j.hop as i64))
-            .bind(col(&provider_of))
-            .bind(col(&|j| j.request.clone()))
-            .bind(int(&|j| i64::from(j.stream)))
-            .bind(col(&|j| j.caller.clone().unwrap_or_default()))
-            .bind(opt(&|j| j.idempotency_key.clone()))
-            .bind(opt(&|j| j.pinned_instance.clone()))
-            .bind(int(&|j| j.created_at))
-            .bind(int(&|j| j.deadline_at))
-            .bind(opt(&|j| j.batch_id.clone()))
-            .bind(opt(&|j| j.custom_id.clone()))
-            .execute(&mut *tx)
-            .await?;
+            writes::insert_jobs(&mut tx, chunk).await?;
         }
         notify_providers(&mut tx, &providers).await?;
         tx.commit().await?;
@@ -554,14 +570,13 @@ impl QueueStore for PostgresStore {
     }
 
     async fn get_job(&self, id: &str) -> StoreResult<Option<Job>> {
-        let row: Option<JobRow> = sqlx::query_as(concat!(
+        let get = sqlx::query_as::<_, JobRow>(concat!(
             "SELECT ",
             job_columns!(),
             " FROM jobs WHERE id = $1"
         ))
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
+        .bind(id);
+        let row = on_conn!(self.conns, |c| get.fetch_optional(c))?;
         row.map(Job::try_from).transpose()
     }
 
@@ -581,7 +596,8 @@ impl QueueStore for PostgresStore {
         // Without tpm nothing depends on the picked rows: lock, read, decide, pick and
         // write are one call of `orch_lease`, one round trip in its own transaction.
         if req.budget.tpm.is_none() {
-            let rows = lease_query(req, true).fetch_all(&self.pool).await?;
+            let q = lease_query(req, true);
+            let rows = on_conn!(self.conns, |c| q.fetch_all(c))?;
             return written_lease(rows, req);
         }
         // With tpm each job books its token estimate, which Rust computes from the picked
@@ -633,7 +649,7 @@ impl QueueStore for PostgresStore {
         attempt_n: i64,
         lease_ms: i64,
     ) -> StoreResult<bool> {
-        let done = sqlx::query(concat!(
+        let renew = sqlx::query(concat!(
             "UPDATE jobs SET lease_expires_at = ",
             db_now!(),
             " + $1 WHERE id = $2 AND status = 'running' AND lease_owner = $3 AND attempt_count = $4"
@@ -641,85 +657,24 @@ impl QueueStore for PostgresStore {
         .bind(lease_ms)
         .bind(job_id)
         .bind(instance)
-        .bind(attempt_n)
-        .execute(&self.pool)
-        .await?;
+        .bind(attempt_n);
+        let done = on_conn!(self.conns, |c| renew.execute(c))?;
         Ok(done.rows_affected() == 1)
     }
 
     async fn finish_attempt(&self, fin: &AttemptFinish) -> StoreResult<bool> {
-        // One call of `orch_finish`: attempt, job and provider state in the statement's
-        // own transaction; the news follow it.
-        let (kind, result, job_status, job_error, requeue) = match &fin.transition {
-            Transition::Succeed { result, .. } => {
-                ("succeed", Some(result.as_str()), None, None, None)
-            }
-            Transition::Fail { error, partial } => (
-                "fail",
-                partial.as_deref(),
-                Some(i64::from(error.status)),
-                Some(error_json(error)),
-                None,
-            ),
-            Transition::Requeue {
-                hop,
-                provider,
-                run_at,
-            } => (
-                "requeue",
-                None,
-                None,
-                None,
-                Some((*run_at, *hop as i64, provider.as_str())),
-            ),
+        // One call of `orch_finish` (attempt, job and provider state), in a group with
+        // the other attempts that end meanwhile; the news follow it.
+        let done = self.finishes.submit(fin.clone()).await?;
+        let requeue = match &fin.transition {
+            Transition::Requeue { provider, .. } => Some(provider),
+            _ => None,
         };
-        let (usage_prompt, usage_completion) = match &fin.transition {
-            Transition::Succeed {
-                usage_prompt,
-                usage_completion,
-                ..
-            } => (*usage_prompt, *usage_completion),
-            _ => (None, None),
-        };
-        let effect = &fin.effect;
-        let (threshold, open_ms) = effect
-            .breaker
-            .map_or((i64::MAX, 0), |(t, ms)| (i64::from(t), ms));
-        let (done,): (bool,) = sqlx::query_as(
-            "SELECT orch_finish($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
-             $16, $17, $18, $19, $20, $21, $22, $23, $24)",
-        )
-        .bind(&fin.job_id)
-        .bind(fin.attempt_n)
-        .bind(&fin.instance)
-        .bind(&fin.provider)
-        .bind(fin.finished_at)
-        .bind(fin.outcome.as_str())
-        .bind(fin.status_code)
-        .bind(&fin.error)
-        .bind(fin.tokens)
-        .bind(fin.count_tokens)
-        .bind(kind)
-        .bind(result)
-        .bind(usage_prompt)
-        .bind(usage_completion)
-        .bind(job_status)
-        .bind(job_error)
-        .bind(requeue.map(|r| r.0))
-        .bind(requeue.map(|r| r.1))
-        .bind(requeue.map(|r| r.2))
-        .bind(effect.cooldown_until.is_some() || effect.success.is_some())
-        .bind(effect.cooldown_until)
-        .bind(effect.success)
-        .bind(threshold)
-        .bind(open_ms)
-        .fetch_one(&self.pool)
-        .await?;
         if done {
             // Other instances hear of it: waiters of a finished job re-read it, pools of
             // the provider whose slot freed look again (and of the one a requeue sent it to).
             match requeue {
-                Some((_, _, to)) => self.news.send(CHANNEL_PROVIDER, to.to_string()),
+                Some(to) => self.news.send(CHANNEL_PROVIDER, to.clone()),
                 None => self.news.send(CHANNEL_FINISHED, fin.job_id.clone()),
             }
             self.news
@@ -884,16 +839,32 @@ impl QueueStore for PostgresStore {
     }
 
     async fn heartbeat(&self, instance: &str) -> StoreResult<()> {
-        sqlx::query(concat!(
-            "INSERT INTO instances (id, started_at, heartbeat_at) VALUES ($1, ",
+        let heard_before = self.peers.heard_so_far();
+        let (others,): (bool,) = sqlx::query_as(concat!(
+            "WITH beat AS (INSERT INTO instances (id, started_at, heartbeat_at) VALUES ($1, ",
             db_now!(),
             ", ",
             db_now!(),
-            ") ON CONFLICT (id) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at"
+            ") ON CONFLICT (id) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at RETURNING id) \
+             SELECT EXISTS (SELECT 1 FROM instances WHERE id <> $1 AND heartbeat_at > ",
+            db_now!(),
+            " - $2) FROM beat"
         ))
         .bind(instance)
-        .execute(&self.pool)
+        .bind(PEER_WINDOW_MS)
+        .fetch_one(&self.pool)
         .await?;
+        self.peers.seen_by_heartbeat(others, heard_before);
+        if !self
+            .announced
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            // Instances already running learn of us now rather than at their next beat.
+            self.news.send_anyway(
+                CHANNEL_PROVIDER,
+                format!("{}{instance}", listener::ANNOUNCE),
+            );
+        }
         Ok(())
     }
 
@@ -925,10 +896,8 @@ impl QueueStore for PostgresStore {
         if ids.is_empty() {
             return Ok(());
         }
-        sqlx::query("UPDATE jobs SET metrics_written = 1 WHERE id = ANY($1)")
-            .bind(ids)
-            .execute(&self.pool)
-            .await?;
+        let mark = sqlx::query("UPDATE jobs SET metrics_written = 1 WHERE id = ANY($1)").bind(ids);
+        on_conn!(self.conns, |c| mark.execute(c))?;
         Ok(())
     }
 
@@ -950,6 +919,7 @@ impl QueueStore for PostgresStore {
         tokio::spawn(listener::run(
             self.pool.clone(),
             self.own.clone(),
+            self.peers.clone(),
             signals,
             stop,
         ));

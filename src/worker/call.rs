@@ -55,6 +55,7 @@ async fn attempt(shared: Arc<Shared>, provider: Arc<dyn Provider>, leased: Lease
         }
     };
     let latency = started.elapsed();
+    tracing::debug!(job_id = %job.id, ms = latency.as_secs_f64() * 1e3, "upstream answered");
     shared
         .telemetry
         .upstream_call(&job.id, &job.provider, latency);

@@ -60,6 +60,7 @@ macro_rules! conformance {
 conformance!(
     insert_and_get,
     idempotent_insert,
+    concurrent_inserts_each_get_their_answer,
     insert_many,
     insert_and_lease_in_one_go,
     lease_order_priority_then_run_at,
@@ -73,6 +74,7 @@ conformance!(
     finish_succeed_and_fail,
     finish_requeue_hop_and_retry,
     stale_finish_is_refused,
+    concurrent_finishes_each_get_their_answer,
     renew_lease_only_for_owner,
     cancel_queued_running_and_finished,
     rescue_scopes,
@@ -254,6 +256,46 @@ async fn idempotent_insert(store: Store) {
     insert(&store, job("free2", &["a"], now)).await;
     let depth = store.queue_depths().await.unwrap();
     assert_eq!(depth, vec![("a".to_string(), 5)]);
+}
+
+/// Inserts that arrive together (Postgres writes them as one group, SQLite in one
+/// transaction) each get their own answer, repeated keys within the group included.
+async fn concurrent_inserts_each_get_their_answer(store: Store) {
+    let now = store.now_ms().await.unwrap();
+    let jobs: Vec<NewJob> = (0..40)
+        .map(|i| NewJob {
+            // Jobs 0..10 share five keys in pairs; the rest have none.
+            idempotency_key: (i < 10).then(|| format!("k{}", i % 5)),
+            caller: Some("alice".into()),
+            request: format!(r#"{{"messages":[{{"role":"user","content":"{i}"}}]}}"#),
+            ..job(&format!("c{i}"), &["a"], now)
+        })
+        .collect();
+    let answers = futures::future::join_all(jobs.iter().map(|j| store.insert_job(j))).await;
+    let mut first_of_key = std::collections::HashMap::new();
+    for (j, answer) in jobs.iter().zip(&answers) {
+        if let (Inserted::New, Some(k)) = (answer.as_ref().unwrap(), &j.idempotency_key) {
+            assert!(
+                first_of_key.insert(k.clone(), j.id.clone()).is_none(),
+                "{k} inserted twice"
+            );
+        }
+    }
+    assert_eq!(first_of_key.len(), 5);
+    for (j, answer) in jobs.iter().zip(answers) {
+        match (answer.unwrap(), &j.idempotency_key) {
+            (Inserted::New, _) => assert_eq!(get(&store, &j.id).await.request, j.request),
+            (Inserted::Existing(first), Some(k)) => {
+                assert_eq!(first.id, first_of_key[k]);
+                assert!(store.get_job(&j.id).await.unwrap().is_none());
+            }
+            (Inserted::Existing(_), None) => panic!("{} has no key to repeat", j.id),
+        }
+    }
+    assert_eq!(
+        store.queue_depths().await.unwrap(),
+        vec![("a".to_string(), 35)]
+    );
 }
 
 /// Accept-and-lease: the lease is the ordinary one (older work first, budgets hold), and
@@ -720,6 +762,92 @@ async fn stale_finish_is_refused(store: Store) {
     );
 }
 
+/// Attempts that end together (Postgres writes them as one group) each get their own
+/// outcome written and answered: successes, failures, hops and a stale finish mixed.
+async fn concurrent_finishes_each_get_their_answer(store: Store) {
+    let now = store.now_ms().await.unwrap();
+    for i in 0..12 {
+        insert(&store, job(&format!("f{i}"), &["a", "b"], now - 100 + i)).await;
+    }
+    let mut leased = store
+        .lease(&lease_req("a", "i1", 12, ROOMY))
+        .await
+        .unwrap()
+        .jobs;
+    assert_eq!(leased.len(), 12);
+    leased.sort_by(|x, y| x.job.id.cmp(&y.job.id));
+    let fins: Vec<(String, AttemptFinish)> = leased
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let fin = match i % 4 {
+                0 => finish(
+                    l,
+                    "i1",
+                    AttemptOutcome::Ok,
+                    Transition::Succeed {
+                        result: format!(r#"{{"n":{i}}}"#),
+                        usage_prompt: Some(i as i64),
+                        usage_completion: Some(1),
+                    },
+                ),
+                1 => finish(
+                    l,
+                    "i1",
+                    AttemptOutcome::Failed,
+                    Transition::Fail {
+                        error: job_error(400 + i as u16),
+                        partial: None,
+                    },
+                ),
+                2 => finish(
+                    l,
+                    "i1",
+                    AttemptOutcome::Hop,
+                    Transition::Requeue {
+                        hop: 1,
+                        provider: "b".into(),
+                        run_at: now,
+                    },
+                ),
+                // Not the lease holder: refused, the job keeps running.
+                _ => finish(l, "intruder", AttemptOutcome::Ok, succeed()),
+            };
+            (l.job.id.clone(), fin)
+        })
+        .collect();
+    let answers =
+        futures::future::join_all(fins.iter().map(|(_, f)| store.finish_attempt(f))).await;
+    for (i, ((id, _), answer)) in fins.iter().zip(answers).enumerate() {
+        let j = get(&store, id).await;
+        match i % 4 {
+            0 => {
+                assert!(answer.unwrap());
+                assert_eq!(j.status, JobStatus::Succeeded);
+                assert_eq!(
+                    j.result.as_deref(),
+                    Some(format!(r#"{{"n":{i}}}"#).as_str())
+                );
+                assert_eq!(j.usage_prompt, Some(i as i64));
+            }
+            1 => {
+                assert!(answer.unwrap());
+                assert_eq!(j.status, JobStatus::Failed);
+                assert_eq!(j.status_code, Some(400 + i as i64));
+            }
+            2 => {
+                assert!(answer.unwrap());
+                assert_eq!(j.status, JobStatus::Queued);
+                assert_eq!((j.hop, j.provider.as_str()), (1, "b"));
+            }
+            _ => {
+                assert!(!answer.unwrap());
+                assert_eq!(j.status, JobStatus::Running);
+            }
+        }
+    }
+}
+
 async fn renew_lease_only_for_owner(store: Store) {
     let now = store.now_ms().await.unwrap();
     insert(&store, job("r", &["a"], now - 10)).await;
@@ -1069,4 +1197,72 @@ async fn heartbeats_and_instances(store: Store) {
     assert!(again[0].heartbeat_at > first.heartbeat_at);
     let later = store.now_ms().await.unwrap() + 60_000;
     assert!(store.instances(later).await.unwrap().is_empty());
+}
+
+/// The next notification's payload, or `None` if none comes soon.
+async fn next_news(heard: &mut sqlx::postgres::PgListener) -> Option<String> {
+    tokio::time::timeout(Duration::from_millis(700), heard.recv())
+        .await
+        .ok()
+        .map(|n| n.unwrap().payload().to_string())
+}
+
+/// A Postgres instance alone on its database sends no news (nobody would hear it); as
+/// soon as another instance beats or speaks, it does again.
+#[tokio::test]
+async fn postgres_news_only_while_another_instance_is_there() {
+    use sqlx::Connection;
+    use sqlx::postgres::PgListener;
+
+    let db = TestDb::create().await;
+    let store = PostgresStore::connect(&db.url).await.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    store.start_listener(llm_orch::queue::signals::Signals::new(), stop.clone());
+    let mut heard = PgListener::connect(&db.url).await.unwrap();
+    heard.listen("orch_provider").await.unwrap();
+    let now = store.now_ms().await.unwrap();
+
+    // The first beat announces the instance, whoever listens.
+    store.heartbeat("me").await.unwrap();
+    assert_eq!(next_news(&mut heard).await.as_deref(), Some("instance:me"));
+    // Alone: queued work is not announced.
+    store.insert_job(&job("alone", &["a"], now)).await.unwrap();
+    assert_eq!(next_news(&mut heard).await, None);
+
+    // Another instance beats: news again.
+    store.heartbeat("other").await.unwrap();
+    store.heartbeat("me").await.unwrap();
+    store.insert_job(&job("seen", &["a"], now)).await.unwrap();
+    assert_eq!(next_news(&mut heard).await.as_deref(), Some("a"));
+
+    // It stops beating: alone again.
+    sqlx::query("UPDATE instances SET heartbeat_at = 0 WHERE id = 'other'")
+        .execute(&mut sqlx::PgConnection::connect(&db.url).await.unwrap())
+        .await
+        .unwrap();
+    store.heartbeat("me").await.unwrap();
+    store.insert_job(&job("alone2", &["a"], now)).await.unwrap();
+    assert_eq!(next_news(&mut heard).await, None);
+
+    // A newcomer's announcement is heard before any heartbeat says so.
+    sqlx::query("SELECT pg_notify('orch_provider', 'instance:newcomer')")
+        .execute(&mut sqlx::PgConnection::connect(&db.url).await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        next_news(&mut heard).await.as_deref(),
+        Some("instance:newcomer")
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    for i in 0.. {
+        store
+            .insert_job(&job(&format!("n{i}"), &["a"], now))
+            .await
+            .unwrap();
+        if next_news(&mut heard).await.as_deref() == Some("a") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "news never resumed");
+    }
+    stop.cancel();
 }

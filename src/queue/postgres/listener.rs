@@ -11,6 +11,7 @@
 //! watches, which nothing else here signals).
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,6 +22,9 @@ use super::{CHANNEL_FINISHED, CHANNEL_PROVIDER};
 use crate::queue::Signals;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// The payload prefix by which a starting instance announces itself.
+pub const ANNOUNCE: &str = "instance:";
 
 /// The server process ids of this instance's connections, recorded as each opens. A
 /// closed connection's id stays: should the server reuse it for another instance's
@@ -43,7 +47,61 @@ impl OwnBackends {
     }
 }
 
-pub async fn run(pool: PgPool, own: OwnBackends, signals: Arc<Signals>, stop: CancellationToken) {
+/// Whether other instances may be listening. Hints are sent only then: an instance
+/// alone on its database would otherwise pay a transaction (and a WAL flush) per
+/// request for news nobody reads.
+///
+/// Starts as "yes". Each heartbeat says whether another instance beat recently; any
+/// notification from another instance (a new one announces itself when it starts) says
+/// "yes" at once, so a newcomer is not missed until the next heartbeat.
+#[derive(Clone)]
+pub struct Peers {
+    maybe: Arc<AtomicBool>,
+    /// Notifications heard from other instances, so far.
+    heard: Arc<AtomicU64>,
+}
+
+impl Default for Peers {
+    fn default() -> Self {
+        Self {
+            maybe: Arc::new(AtomicBool::new(true)),
+            heard: Arc::default(),
+        }
+    }
+}
+
+impl Peers {
+    pub fn present(&self) -> bool {
+        self.maybe.load(Ordering::Acquire)
+    }
+
+    fn heard_one(&self) {
+        self.heard.fetch_add(1, Ordering::AcqRel);
+        self.maybe.store(true, Ordering::Release);
+    }
+
+    /// Call before asking the database, and pass to `seen_by_heartbeat`.
+    pub fn heard_so_far(&self) -> u64 {
+        self.heard.load(Ordering::Acquire)
+    }
+
+    /// What a heartbeat found. "None" does not override news heard while it was asked.
+    pub fn seen_by_heartbeat(&self, others: bool, heard_before: u64) {
+        if others {
+            self.maybe.store(true, Ordering::Release);
+        } else if self.heard_so_far() == heard_before {
+            self.maybe.store(false, Ordering::Release);
+        }
+    }
+}
+
+pub async fn run(
+    pool: PgPool,
+    own: OwnBackends,
+    peers: Peers,
+    signals: Arc<Signals>,
+    stop: CancellationToken,
+) {
     let mut connected_before = false;
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -76,7 +134,11 @@ pub async fn run(pool: PgPool, own: OwnBackends, signals: Arc<Signals>, stop: Ca
             };
             match got {
                 Ok(Some(n)) => {
-                    if n.channel() == CHANNEL_PROVIDER && own.contains(n.process_id()) {
+                    let ours = own.contains(n.process_id());
+                    if !ours {
+                        peers.heard_one();
+                    }
+                    if n.channel() == CHANNEL_PROVIDER && ours {
                         continue;
                     }
                     dispatch(&signals, n.channel(), n.payload())
@@ -104,10 +166,12 @@ async fn connect(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
     Ok(listener)
 }
 
-/// `orch_provider` carries `P` (work queued for provider P: wake its pool) or `slot:P` (a
-/// call of P ended: wake its pool only if it waits for a slot, as for local calls).
+/// `orch_provider` carries `P` (work queued for provider P: wake its pool), `slot:P` (a
+/// call of P ended: wake its pool only if it waits for a slot, as for local calls) or
+/// `instance:I` (instance I started: nothing to do but know it is there).
 fn dispatch(signals: &Signals, channel: &str, payload: &str) {
     match channel {
+        CHANNEL_PROVIDER if payload.starts_with(ANNOUNCE) => {}
         CHANNEL_PROVIDER => match payload.strip_prefix("slot:") {
             Some(provider) => signals.slot_freed(provider),
             None => signals.wake_pool(payload),

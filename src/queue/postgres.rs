@@ -50,7 +50,7 @@ const CHANNEL_PROVIDER: &str = "orch_provider";
 const CHANNEL_FINISHED: &str = "orch_job_finished";
 
 /// Connections per instance for the statements each request makes (`conns`) and for
-/// everything else (sqlx's pool; the listener has one more of its own).
+/// everything else (sqlx's pool, which the `LISTEN` connection is taken from).
 const HOT_CONNECTIONS: usize = 16;
 const POOL_SIZE: u32 = 8;
 

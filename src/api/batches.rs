@@ -251,7 +251,7 @@ async fn create_batch(
         )
         .await?;
     shared.telemetry.accepted(jobs.len() as i64);
-    let mut providers: Vec<&str> = jobs.iter().map(|j| j.chain[j.hop].as_str()).collect();
+    let mut providers: Vec<&str> = jobs.iter().map(crate::queue::NewJob::provider).collect();
     providers.sort_unstable();
     providers.dedup();
     for p in providers {

@@ -152,7 +152,7 @@ async fn accept(
     let job_id = match crate::worker::insert_and_start(shared, &new).await {
         Ok(Inserted::New) => {
             shared.telemetry.accepted(1);
-            tracing::debug!(job_id = %id, task = %new.task, provider = %new.chain[hop], stream, "job accepted");
+            tracing::debug!(job_id = %id, task = %new.task, provider = %new.provider(), stream, "job accepted");
             id
         }
         Ok(Inserted::Existing(existing)) => {
@@ -245,7 +245,7 @@ fn accepted_view(new: &NewJob) -> Job {
         chain: new.chain.clone(),
         hop: new.hop,
         hops: 0,
-        provider: new.chain[new.hop].clone(),
+        provider: new.provider().to_string(),
         request: String::new(),
         stream: new.stream,
         caller: new.caller.clone(),

@@ -91,6 +91,13 @@ pub struct NewJob {
     pub custom_id: Option<String>,
 }
 
+impl NewJob {
+    /// `chain[hop]`: the provider whose queue the job goes to.
+    pub fn provider(&self) -> &str {
+        self.chain.get(self.hop).map_or("", String::as_str)
+    }
+}
+
 /// A job as stored.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Job {

@@ -509,7 +509,7 @@ impl QueueStore for PostgresStore {
             return super::insert_then_lease(self, job, req).await;
         }
         // One round trip, one commit: insert, then the ordinary lease.
-        let provider = job.chain.get(job.hop).cloned().unwrap_or_default();
+        let provider = job.provider();
         let q = sqlx::query(lease_select!(
             "orch_insert_and_lease($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
              $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)"
@@ -519,7 +519,7 @@ impl QueueStore for PostgresStore {
         .bind(job.priority)
         .bind(chain_json(&job.chain))
         .bind(job.hop as i64)
-        .bind(&provider)
+        .bind(provider)
         .bind(&job.request)
         .bind(i64::from(job.stream))
         .bind(job.caller.as_deref().unwrap_or(""))
@@ -543,7 +543,7 @@ impl QueueStore for PostgresStore {
         };
         if !lease.jobs.iter().any(|l| l.job.id == job.id) {
             // The job waits: other instances may lease it.
-            self.news.send(CHANNEL_PROVIDER, provider);
+            self.news.send(CHANNEL_PROVIDER, provider.to_string());
         }
         Ok((Inserted::New, lease))
     }
@@ -557,7 +557,7 @@ impl QueueStore for PostgresStore {
         // One statement per chunk of lines: a batch of thousands is a few round trips.
         for chunk in jobs.chunks(1000) {
             for j in chunk {
-                let p = writes::provider_of(j);
+                let p = j.provider().to_string();
                 if !providers.contains(&p) {
                     providers.push(p);
                 }

@@ -543,7 +543,7 @@ fn insert_or_find(conn: &WriteConn, job: &NewJob) -> StoreResult<Inserted> {
 }
 
 fn insert(conn: &WriteConn, job: &NewJob) -> StoreResult<bool> {
-    let provider = job.chain.get(job.hop).map_or("", String::as_str);
+    let provider = job.provider();
     let done = conn
         .prepare_cached(
             "INSERT INTO jobs (id, task, status, priority, chain, hop, provider, request, stream, caller, \

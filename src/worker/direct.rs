@@ -17,7 +17,7 @@ use crate::queue::{Inserted, NewJob, StoreResult};
 /// Inserts `job` and, when a call slot of its provider is free here, leases and starts
 /// what the queue gives at once. Either way the job is committed when this returns.
 pub async fn insert_and_start(shared: &Arc<Shared>, job: &NewJob) -> StoreResult<Inserted> {
-    let name = &job.chain[job.hop];
+    let name = job.provider();
     let alone = shared.accepting.fetch_add(1, Ordering::AcqRel) == 0;
     let _accepting = Accepting(&shared.accepting);
     let slot = shared

@@ -8,11 +8,6 @@ use sqlx::{PgConnection, Postgres, Row};
 use crate::queue::row::{chain_json, error_json};
 use crate::queue::{AttemptFinish, NewJob, Transition};
 
-/// The provider a new job is queued for.
-pub fn provider_of(job: &NewJob) -> String {
-    job.chain.get(job.hop).cloned().unwrap_or_default()
-}
-
 /// Inserts `jobs` (at most a few thousand; the arrays travel in one message). Returns, in
 /// order, each job's provider when it was inserted, `None` when its idempotency key
 /// repeated an earlier job's (within the group too: the first one wins).
@@ -41,7 +36,7 @@ pub async fn insert_jobs(
     .bind(int(&|j| j.priority))
     .bind(col(&|j| chain_json(&j.chain)))
     .bind(int(&|j| j.hop as i64))
-    .bind(col(&provider_of))
+    .bind(jobs.iter().map(NewJob::provider).collect::<Vec<_>>())
     .bind(requests)
     .bind(int(&|j| i64::from(j.stream)))
     .bind(col(&|j| j.caller.clone().unwrap_or_default()))

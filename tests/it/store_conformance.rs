@@ -75,6 +75,7 @@ conformance!(
     finish_requeue_hop_and_retry,
     stale_finish_is_refused,
     concurrent_finishes_each_get_their_answer,
+    grouped_ends_match_one_by_one,
     renew_lease_only_for_owner,
     cancel_queued_running_and_finished,
     rescue_scopes,
@@ -846,6 +847,117 @@ async fn concurrent_finishes_each_get_their_answer(store: Store) {
             }
         }
     }
+}
+
+/// Plain successes (nothing to book, no provider state to change) that end together with
+/// other kinds of ends: Postgres writes the plain ones set-wise and the rest one by one,
+/// and the outcome must be the same as writing each alone.
+async fn grouped_ends_match_one_by_one(store: Store) {
+    let now = store.now_ms().await.unwrap();
+    for (p, n) in [("a", 3), ("b", 3), ("c", 1), ("d", 1)] {
+        for i in 0..n {
+            insert(&store, job(&format!("{p}{i}"), &[p], now - 100 + i)).await;
+        }
+    }
+    // Provider c has one failure counted: a success there resets it, so it is not plain.
+    let c0 = lease_one(&store, "c", "i1").await;
+    let mut failed = finish(
+        &c0,
+        "i1",
+        AttemptOutcome::Retry,
+        Transition::Requeue {
+            hop: 0,
+            provider: "c".into(),
+            run_at: now,
+        },
+    );
+    failed.effect.success = Some(false);
+    failed.effect.breaker = Some((5, 1_000));
+    assert!(store.finish_attempt(&failed).await.unwrap());
+    // Provider b has a state with no failures: a success there alone would be plain.
+    let b0 = lease_one(&store, "b", "i1").await;
+    let mut b_first = finish(&b0, "i1", AttemptOutcome::Ok, succeed());
+    b_first.effect.success = Some(true);
+    assert!(store.finish_attempt(&b_first).await.unwrap());
+    let mut leased = Vec::new();
+    for (p, n) in [("a", 3), ("b", 2), ("c", 1), ("d", 1)] {
+        let lease = store.lease(&lease_req(p, "i1", n, ROOMY)).await.unwrap();
+        assert_eq!(lease.jobs.len(), n as usize, "{p}: {lease:?}");
+        leased.extend(lease.jobs);
+    }
+    leased.sort_by(|x, y| x.job.id.cmp(&y.job.id));
+    let by_id = |id: &str| leased.iter().find(|l| l.job.id == id).unwrap();
+    let ok = |id: &str, instance: &str| {
+        let mut f = finish(by_id(id), instance, AttemptOutcome::Ok, succeed());
+        f.transition = Transition::Succeed {
+            result: format!(r#"{{"id":"{id}"}}"#),
+            usage_prompt: Some(1),
+            usage_completion: Some(2),
+        };
+        f
+    };
+    let mut b_fail = finish(
+        by_id("b1"),
+        "i1",
+        AttemptOutcome::Failed,
+        Transition::Fail {
+            error: job_error(500),
+            partial: None,
+        },
+    );
+    b_fail.effect.success = Some(false);
+    b_fail.effect.breaker = Some((5, 1_000));
+    let mut b_ok = ok("b2", "i1");
+    b_ok.effect.success = Some(true);
+    let mut c_ok = ok("c0", "i1");
+    c_ok.effect.success = Some(true);
+    let mut d_cool = ok("d0", "i1");
+    d_cool.effect.cooldown_until = Some(now + 60_000);
+    let fins = [
+        (ok("a0", "i1"), true),
+        // The same job twice: its holder's end counts, the stale one is refused.
+        (ok("a1", "intruder"), false),
+        (ok("a1", "i1"), true),
+        (ok("a2", "intruder"), false),
+        (b_fail, true),
+        (b_ok, true),
+        (c_ok, true),
+        (d_cool, true),
+    ];
+    let answers =
+        futures::future::join_all(fins.iter().map(|(f, _)| store.finish_attempt(f))).await;
+    for ((fin, expected), answer) in fins.iter().zip(answers) {
+        assert_eq!(
+            answer.unwrap(),
+            *expected,
+            "{} by {}",
+            fin.job_id,
+            fin.instance
+        );
+    }
+    for id in ["a0", "a1", "b2", "c0", "d0"] {
+        let j = get(&store, id).await;
+        assert_eq!(j.status, JobStatus::Succeeded, "{id}");
+        assert_eq!(j.result, Some(format!(r#"{{"id":"{id}"}}"#)), "{id}");
+        assert_eq!((j.usage_prompt, j.usage_completion), (Some(1), Some(2)));
+        assert_eq!(j.finished_by.as_deref(), Some("i1"));
+        let attempt = store.get_attempts(id).await.unwrap().pop().unwrap();
+        assert_eq!(attempt.outcome, "ok", "{id}");
+        assert_eq!(attempt.status_code, Some(200));
+        assert!(attempt.finished_at.is_some());
+    }
+    let a2 = get(&store, "a2").await;
+    assert_eq!(a2.status, JobStatus::Running);
+    assert_eq!(a2.lease_owner.as_deref(), Some("i1"));
+    assert_eq!(get(&store, "b1").await.status, JobStatus::Failed);
+    let states = store.provider_states().await.unwrap();
+    let state = |p: &str| states.iter().find(|s| s.provider == p);
+    // The success on c reset its failure; the one on b came after b's failure and so
+    // reset it too; the cool-down on d was written.
+    assert_eq!(state("c").expect("state of c").consecutive_failures, 0);
+    assert_eq!(state("b").expect("state of b").consecutive_failures, 0);
+    assert_eq!(state("d").expect("state of d").cooldown_until, now + 60_000);
+    assert!(state("a").is_none(), "{states:?}");
 }
 
 async fn renew_lease_only_for_owner(store: Store) {

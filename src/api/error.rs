@@ -141,6 +141,54 @@ impl IntoResponse for ApiError {
         {
             resp.headers_mut().insert(header::RETRY_AFTER, v);
         }
+        // An error about a job (a wait that ran out, a shutdown) names it in the header
+        // too, as every answer about a job does, so a client can poll it.
+        if let Some(j) = &self.job_id
+            && let Ok(v) = HeaderValue::from_str(j)
+        {
+            resp.headers_mut().insert(super::HDR_REQUEST_ID, v);
+        }
         resp
     }
+}
+
+/// Answers that axum builds itself come as plain text or with no body at all: a query
+/// string or path segment that does not parse (400), a method a route does not take (405).
+/// Clients on the OpenAI SDKs read every error as `{"error": {...}}`, so those answers are
+/// rewritten into that shape here, keeping their status and headers (e.g. `Allow`).
+pub async fn openai_shaped(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let message = match status {
+        StatusCode::METHOD_NOT_ALLOWED => format!("{method} is not allowed on {path}"),
+        _ if text.is_empty() => status.canonical_reason().unwrap_or("error").to_string(),
+        _ => text,
+    };
+    let kind = if status.is_client_error() {
+        "invalid_request_error"
+    } else {
+        "server_error"
+    };
+    let mut shaped = ApiError::new(status, kind, message).into_response();
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            shaped.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    shaped
 }

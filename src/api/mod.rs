@@ -73,6 +73,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(health::not_found)
         // Bodies are read by the handlers with the configured limit and an OpenAI-shaped 413.
         .layer(DefaultBodyLimit::disable())
+        .layer(axum::middleware::from_fn(error::openai_shaped))
         .with_state(state);
     if !settings.cors_allow_origins.is_empty() {
         // Outermost, so that preflights are answered before the key check.

@@ -160,13 +160,22 @@ impl Telemetry {
         }
     }
 
-    /// Queued jobs in all (approximate between refreshes), for the queue-depth limit.
+    /// Queued jobs in all, for the queue-depth limit. Kept by this instance's own moves
+    /// (accepted, leased, re-queued) between refreshes from the database, which also
+    /// bring in the moves of other instances and of the rescuer.
     pub fn queued(&self) -> i64 {
-        self.queued.load(Ordering::Relaxed)
+        self.queued.load(Ordering::Relaxed).max(0)
     }
 
+    /// `n` jobs joined the queue here (accepted, or re-queued after an attempt).
     pub fn accepted(&self, n: i64) {
         self.queued.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// `n` jobs left the queue here (leased).
+    pub fn left_queue(&self, n: usize) {
+        self.queued
+            .fetch_sub(i64::try_from(n).unwrap_or(i64::MAX), Ordering::Relaxed);
     }
 
     /// Waits until every JSONL line handed over so far is on disk and marked written.

@@ -47,6 +47,7 @@ pub async fn insert_and_start(shared: &Arc<Shared>, job: &NewJob) -> StoreResult
     if !matches!(inserted, Inserted::New) {
         return Ok(inserted);
     }
+    shared.telemetry.left_queue(lease.jobs.len());
     match lease.jobs.into_iter().next() {
         Some(leased) => {
             // Something older went first: this job waits for the pool like any other.

@@ -52,6 +52,7 @@ pub async fn run(shared: Arc<Shared>, name: String) {
                 continue;
             }
         };
+        shared.telemetry.left_queue(lease.jobs.len());
         if !lease.jobs.is_empty() {
             for leased in lease.jobs {
                 // The lease took at most `free` jobs: a reserved slot is there for each,

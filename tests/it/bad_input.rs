@@ -170,6 +170,42 @@ async fn unknown_paths_and_jobs_are_404_in_openai_shape() {
     assert_eq!(resp.status(), 404);
 }
 
+/// Errors the web framework itself produces (a query or path that does not parse, a
+/// method a route does not take) come in the OpenAI shape too.
+#[tokio::test]
+async fn framework_errors_are_openai_shaped() {
+    let (_fake, app) = app().await;
+    for path in [
+        "/v1/batches?limit=abc",
+        "/v1/files?limit=abc",
+        "/v1/jobs/%FF",
+    ] {
+        let resp = app.get(path).await;
+        assert_eq!(resp.status(), 400, "{path}");
+        assert_openai_error(&resp.json().await.unwrap(), "invalid_request_error");
+    }
+    let resp = app.get("/v1/chat/completions").await;
+    assert_eq!(resp.status(), 405);
+    assert!(resp.headers().contains_key("allow"));
+    let body: Value = resp.json().await.unwrap();
+    assert_openai_error(&body, "invalid_request_error");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("GET is not allowed on /v1/chat/completions"),
+        "{body}"
+    );
+    let resp = app
+        .http
+        .put(format!("{}/healthz", app.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 405);
+    assert_openai_error(&resp.json().await.unwrap(), "invalid_request_error");
+}
+
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_llm-orch"))
 }
@@ -293,4 +329,47 @@ fn migrate_creates_the_database() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(dir.path().join("data/orch.db").exists());
+}
+
+/// `ORCH_MAX_QUEUE_DEPTH` counts jobs waiting in the queue: requests answered one after
+/// another never fill it, a backlog past it gets 429 (OpenAI-shaped, with Retry-After), and
+/// the queue takes requests again once the backlog has run.
+#[tokio::test]
+async fn the_queue_depth_limit_counts_waiting_jobs_only() {
+    let fake = FakeOpenAi::start().await;
+    let app = spawn_app(
+        Options::new(
+            openai_provider("up", &fake.base_url(), "concurrency = 1"),
+            router_yaml(&["up"], ""),
+        )
+        .env("ORCH_MAX_QUEUE_DEPTH", "2"),
+    )
+    .await;
+    let body = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]});
+    // Answered one by one: at most one job is ever queued.
+    for i in 0..6 {
+        let resp = app.chat(body.clone()).await;
+        assert_eq!(resp.status(), 200, "request {i}");
+    }
+    // A slow upstream with one call at a time: one job runs, two wait, the next is refused.
+    fake.set_latency(std::time::Duration::from_millis(700));
+    let async_req = || app.chat_with(body.clone(), &[("x-orch-async", "true")]);
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let resp = async_req().await;
+        assert_eq!(resp.status(), 202);
+        ids.push(req_id(&resp));
+    }
+    let refused = async_req().await;
+    assert_eq!(refused.status(), 429);
+    assert!(refused.headers().contains_key("retry-after"));
+    let err: Value = refused.json().await.unwrap();
+    assert_openai_error(&err, "rate_limit");
+    // Once the backlog has run, requests are taken again.
+    for id in &ids {
+        let job = app.wait_job(id, std::time::Duration::from_secs(20)).await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+    }
+    fake.set_latency(std::time::Duration::ZERO);
+    assert_eq!(app.chat(body).await.status(), 200);
 }

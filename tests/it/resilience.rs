@@ -308,9 +308,11 @@ async fn the_wait_running_out_is_a_504_with_the_job_id_and_the_job_goes_on() {
     .await;
     let resp = app.chat(user("slow")).await;
     assert_eq!(resp.status(), 504);
+    let header_id = req_id(&resp);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["type"], "timeout");
     let id = body["error"]["job_id"].as_str().unwrap();
+    assert_eq!(header_id, id);
     let job = app.wait_job(id, Duration::from_secs(10)).await;
     assert_eq!(job["status"], "succeeded");
 }

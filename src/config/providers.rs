@@ -29,12 +29,11 @@ impl ProviderKind {
 }
 
 /// One provider as written in the file. Numbers are signed so that a negative limit is
-/// reported as such rather than as a TOML type error.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// reported as such rather than as a type error. Absent or ill-typed fields are `None`
+/// (an ill-typed one is reported where it is read).
+#[derive(Debug, Clone, Default)]
 struct RawProvider {
-    #[serde(rename = "type")]
-    kind: String,
+    kind: Option<String>,
     base_url: Option<String>,
     model: Option<String>,
     auth_env: Option<String>,
@@ -43,6 +42,80 @@ struct RawProvider {
     tpm: Option<i64>,
     timeout_s: Option<f64>,
     max_retries: Option<i64>,
+}
+
+const KEYS: &str =
+    "type, base_url, model, auth_env, rpm, concurrency, tpm, timeout_s or max_retries";
+
+/// Reads one provider table field by field, so that every bad field of every table is
+/// named at once (serde would stop at the first). `None`: not a table.
+fn read_raw(
+    f: &str,
+    name: &str,
+    value: &toml::Value,
+    problems: &mut Vec<String>,
+) -> Option<RawProvider> {
+    let Some(table) = value.as_table() else {
+        problems.push(format!(
+            "{f}: {name}: must be a table ([{name}] with {KEYS}), got {} `{value}`",
+            value.type_str()
+        ));
+        return None;
+    };
+    let mut raw = RawProvider::default();
+    let mut kind_seen = false;
+    for (k, v) in table {
+        let bad = |want: &str| {
+            format!(
+                "{f}: {name}.{k}: expected {want}, got {} `{v}`",
+                v.type_str()
+            )
+        };
+        let text = |problems: &mut Vec<String>| match v.as_str() {
+            Some(s) => Some(s.to_string()),
+            None => {
+                problems.push(bad("a string"));
+                None
+            }
+        };
+        let int = |problems: &mut Vec<String>| match v.as_integer() {
+            Some(n) => Some(n),
+            None => {
+                problems.push(bad("an integer"));
+                None
+            }
+        };
+        match k.as_str() {
+            "type" => {
+                kind_seen = true;
+                raw.kind = text(problems);
+            }
+            "base_url" => raw.base_url = text(problems),
+            "model" => raw.model = text(problems),
+            "auth_env" => raw.auth_env = text(problems),
+            "rpm" => raw.rpm = int(problems),
+            "concurrency" => raw.concurrency = int(problems),
+            "tpm" => raw.tpm = int(problems),
+            "max_retries" => raw.max_retries = int(problems),
+            "timeout_s" => {
+                raw.timeout_s = match v {
+                    toml::Value::Integer(n) => Some(*n as f64),
+                    toml::Value::Float(x) => Some(*x),
+                    _ => {
+                        problems.push(bad("a number of seconds"));
+                        None
+                    }
+                }
+            }
+            _ => problems.push(format!("{f}: {name}.{k}: unknown key (expected {KEYS})")),
+        }
+    }
+    if !kind_seen {
+        problems.push(format!(
+            "{f}: {name}.type: missing (openai, anthropic, ollama or dummy)"
+        ));
+    }
+    Some(raw)
 }
 
 /// A validated provider.
@@ -81,22 +154,28 @@ pub const DEFAULT_MAX_RETRIES: u32 = 2;
 
 /// Parses and validates the file's text; every problem is reported as `file: key: reason`.
 pub fn parse(file: &Path, text: &str) -> Result<BTreeMap<String, ProviderConfig>, Vec<String>> {
-    let f = file.display();
-    let raw: BTreeMap<String, RawProvider> =
+    let f = file.display().to_string();
+    let tables: toml::Table =
         toml::from_str(text).map_err(|e| vec![format!("{f}: {}", one_line(&e.to_string()))])?;
-    if raw.is_empty() {
+    if tables.is_empty() {
         return Err(vec![format!("{f}: no provider tables defined")]);
     }
     let mut out = BTreeMap::new();
     let mut problems = Vec::new();
-    for (name, p) in raw {
+    for (name, value) in &tables {
+        let Some(p) = read_raw(&f, name, value, &mut problems) else {
+            continue;
+        };
+        let name = name.clone();
         let key = |k: &str| format!("{f}: {name}.{k}");
-        let kind = match p.kind.as_str() {
-            "openai" => Some(ProviderKind::Openai),
-            "anthropic" => Some(ProviderKind::Anthropic),
-            "ollama" => Some(ProviderKind::Ollama),
-            "dummy" => Some(ProviderKind::Dummy),
-            other => {
+        let kind = match p.kind.as_deref() {
+            // Missing or not a string: already reported.
+            None => None,
+            Some("openai") => Some(ProviderKind::Openai),
+            Some("anthropic") => Some(ProviderKind::Anthropic),
+            Some("ollama") => Some(ProviderKind::Ollama),
+            Some("dummy") => Some(ProviderKind::Dummy),
+            Some(other) => {
                 problems.push(format!(
                     "{}: unknown type `{other}` (expected openai, anthropic, ollama or dummy)",
                     key("type")
@@ -238,6 +317,31 @@ max_retries = 2
             .join("\n");
         assert!(err.contains("providers.toml"), "{err}");
         assert!(err.contains("rmp"), "{err}");
+    }
+
+    #[test]
+    fn every_bad_field_of_every_table_is_listed() {
+        let err = p("[a]\nrpm = -5\nbase_url = 3\n[b]\ntype = \"openai\"\ntpm = \"lots\"\nconcurrency = -1\nrmp = 1\n[c]\ntype = \"dummy\"\ntimeout_s = \"soon\"\n[d]\nx = 1\n")
+            .unwrap_err()
+            .join("\n");
+        for expected in [
+            "providers.toml: a.type: missing",
+            "providers.toml: a.rpm: must not be negative, got -5",
+            "providers.toml: a.base_url: expected a string, got integer `3`",
+            "providers.toml: b.tpm: expected an integer, got string `\"lots\"`",
+            "providers.toml: b.concurrency: must not be negative, got -1",
+            "providers.toml: b.rmp: unknown key",
+            "providers.toml: b.model: required for type openai",
+            "providers.toml: c.timeout_s: expected a number of seconds",
+            "providers.toml: d.x: unknown key",
+        ] {
+            assert!(err.contains(expected), "missing `{expected}` in:\n{err}");
+        }
+        let err = p("top = 1\n").unwrap_err().join("\n");
+        assert!(
+            err.contains("providers.toml: top: must be a table"),
+            "{err}"
+        );
     }
 
     #[test]

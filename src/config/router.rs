@@ -10,33 +10,155 @@ use super::providers::one_line;
 pub const DEFAULT_ROUTE: &str = "DEFAULT";
 pub const DEFAULT_TASK_HEADER: &str = "x-orch-task-kind";
 
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Default)]
 struct RawRouter {
-    #[serde(default)]
     defaults: RawDefaults,
-    #[serde(default)]
     routes: BTreeMap<String, RawRoute>,
 }
 
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Default)]
 struct RawDefaults {
     temperature: Option<f64>,
     max_tokens: Option<i64>,
     task_header: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Default)]
 struct RawRoute {
     strategy: Option<String>,
     primary: Option<String>,
-    #[serde(default)]
     fallback: Vec<String>,
-    #[serde(default)]
     targets: Vec<RawTarget>,
     sticky_ttl: Option<i64>,
+}
+
+/// Reads the file key by key, so that every bad key is named at once: serde would stop
+/// at the first one. Each field's value is still read by serde, which names its reason.
+fn read_raw(f: &str, text: &str) -> Result<(RawRouter, Vec<String>), Vec<String>> {
+    use serde_yaml::Value;
+    let root: Value = serde_yaml::from_str(text)
+        .map_err(|e| vec![format!("{f}: {}", one_line(&e.to_string()))])?;
+    let mut problems = Vec::new();
+    let mut raw = RawRouter::default();
+    let top = match root {
+        Value::Null => return Ok((raw, problems)),
+        Value::Mapping(m) => m,
+        other => {
+            return Err(vec![format!(
+                "{f}: expected a mapping with `defaults` and `routes`, got {}",
+                yaml_kind(&other)
+            )]);
+        }
+    };
+    for (k, v) in &top {
+        match k.as_str() {
+            Some("defaults") => {
+                for (k, v) in mapping(f, "defaults", v, &mut problems) {
+                    let key = format!("{f}: defaults.{k}");
+                    match k.as_str() {
+                        "temperature" => raw.defaults.temperature = field(&key, v, &mut problems),
+                        "max_tokens" => raw.defaults.max_tokens = field(&key, v, &mut problems),
+                        "task_header" => raw.defaults.task_header = field(&key, v, &mut problems),
+                        _ => problems.push(format!(
+                            "{key}: unknown key (expected temperature, max_tokens or task_header)"
+                        )),
+                    }
+                }
+            }
+            Some("routes") => {
+                for (name, v) in mapping(f, "routes", v, &mut problems) {
+                    let route = read_route(f, &name, v, &mut problems);
+                    raw.routes.insert(name, route);
+                }
+            }
+            _ => problems.push(format!(
+                "{f}: {}: unknown key (expected defaults or routes)",
+                key_text(k)
+            )),
+        }
+    }
+    Ok((raw, problems))
+}
+
+fn read_route(f: &str, name: &str, v: &serde_yaml::Value, problems: &mut Vec<String>) -> RawRoute {
+    let mut route = RawRoute::default();
+    for (k, v) in mapping(f, &format!("routes.{name}"), v, problems) {
+        let key = format!("{f}: routes.{name}.{k}");
+        match k.as_str() {
+            "strategy" => route.strategy = field(&key, v, problems),
+            "primary" => route.primary = field(&key, v, problems),
+            "fallback" => route.fallback = field(&key, v, problems).unwrap_or_default(),
+            "sticky_ttl" => route.sticky_ttl = field(&key, v, problems),
+            "targets" => {
+                let items: Vec<serde_yaml::Value> = field(&key, v, problems).unwrap_or_default();
+                route.targets = items
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, t)| field(&format!("{key}[{i}]"), t, problems))
+                    .collect();
+            }
+            _ => problems.push(format!(
+                "{key}: unknown key (expected strategy, primary, fallback, targets or sticky_ttl)"
+            )),
+        }
+    }
+    route
+}
+
+/// The entries of a mapping, keys as text; anything else is reported.
+fn mapping<'v>(
+    f: &str,
+    key: &str,
+    v: &'v serde_yaml::Value,
+    problems: &mut Vec<String>,
+) -> Vec<(String, &'v serde_yaml::Value)> {
+    match v {
+        serde_yaml::Value::Mapping(m) => m.iter().map(|(k, v)| (key_text(k), v)).collect(),
+        serde_yaml::Value::Null => Vec::new(),
+        other => {
+            problems.push(format!(
+                "{f}: {key}: expected a mapping, got {}",
+                yaml_kind(other)
+            ));
+            Vec::new()
+        }
+    }
+}
+
+/// One field's value read by serde; a bad one is reported under `key`.
+fn field<T: serde::de::DeserializeOwned>(
+    key: &str,
+    v: &serde_yaml::Value,
+    problems: &mut Vec<String>,
+) -> Option<T> {
+    match serde_yaml::from_value(v.clone()) {
+        Ok(x) => Some(x),
+        Err(e) => {
+            problems.push(format!("{key}: {}", one_line(&e.to_string())));
+            None
+        }
+    }
+}
+
+fn key_text(k: &serde_yaml::Value) -> String {
+    match k {
+        serde_yaml::Value::String(s) => s.clone(),
+        other => serde_yaml::to_string(other)
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default(),
+    }
+}
+
+fn yaml_kind(v: &serde_yaml::Value) -> &'static str {
+    match v {
+        serde_yaml::Value::Null => "nothing",
+        serde_yaml::Value::Bool(_) => "a boolean",
+        serde_yaml::Value::Number(_) => "a number",
+        serde_yaml::Value::String(_) => "a string",
+        serde_yaml::Value::Sequence(_) => "a list",
+        serde_yaml::Value::Mapping(_) => "a mapping",
+        serde_yaml::Value::Tagged(_) => "a tagged value",
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -118,10 +240,8 @@ pub fn parse(
     text: &str,
     providers: &BTreeSet<String>,
 ) -> Result<RouterConfig, Vec<String>> {
-    let f = file.display();
-    let raw: RawRouter = serde_yaml::from_str(text)
-        .map_err(|e| vec![format!("{f}: {}", one_line(&e.to_string()))])?;
-    let mut problems = Vec::new();
+    let f = file.display().to_string();
+    let (raw, mut problems) = read_raw(&f, text)?;
 
     let max_tokens = match raw.defaults.max_tokens {
         Some(n) if n < 1 => {
@@ -203,18 +323,22 @@ pub fn parse(
                 };
                 let circuit_breaker = t.circuit_breaker.and_then(|b| {
                     let k = key(&format!("targets[{i}].circuit_breaker"));
+                    let mut ok = true;
                     if b.failure_threshold < 1 {
                         problems.push(format!(
                             "{k}.failure_threshold: must be at least 1, got {}",
                             b.failure_threshold
                         ));
-                        return None;
+                        ok = false;
                     }
                     if !(b.recovery_time_s > 0.0 && b.recovery_time_s.is_finite()) {
                         problems.push(format!(
                             "{k}.recovery_time_s: must be positive, got {}",
                             b.recovery_time_s
                         ));
+                        ok = false;
+                    }
+                    if !ok {
                         return None;
                     }
                     Some(CircuitBreaker {
@@ -395,5 +519,26 @@ routes:
             err.contains("routes.DEFAULT.targets[0].weight: must be at least 1"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn every_bad_key_is_named_at_once() {
+        let text = "defaults:\n  max_tokens: -5\n  temprature: 1\nroutes:\n  DEFAULT:\n    primary: a\n    fallbak: [b]\n    sticky_ttl: -1\n  PLAN:\n    targets:\n      - {provider: a, circuit_breaker: {failure_threshold: -1, recovery_time_s: -2}}\n      - {provider: b, wieght: 2}\n  CODE:\n    primary: 7\n    sticky_ttl: soon\nextra: 1\n";
+        let err = parse(Path::new("router.yaml"), text, &names(&["a", "b"]))
+            .unwrap_err()
+            .join("\n");
+        for expected in [
+            "router.yaml: defaults.max_tokens: must be at least 1, got -5",
+            "router.yaml: defaults.temprature: unknown key",
+            "router.yaml: routes.DEFAULT.fallbak: unknown key",
+            "router.yaml: routes.DEFAULT.sticky_ttl: must be at least 1, got -1",
+            "routes.PLAN.targets[0].circuit_breaker.failure_threshold: must be at least 1",
+            "routes.PLAN.targets[0].circuit_breaker.recovery_time_s: must be positive",
+            "router.yaml: routes.PLAN.targets[1]: unknown field `wieght`",
+            "router.yaml: routes.CODE.sticky_ttl: invalid type",
+            "router.yaml: extra: unknown key",
+        ] {
+            assert!(err.contains(expected), "missing `{expected}` in:\n{err}");
+        }
     }
 }

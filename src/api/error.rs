@@ -157,8 +157,9 @@ impl IntoResponse for ApiError {
 /// Clients on the OpenAI SDKs read every error as `{"error": {...}}`, so those answers are
 /// rewritten into that shape here, keeping their status and headers (e.g. `Allow`).
 pub async fn openai_shaped(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    // Cheap copies (an enum, a shared buffer): most answers need neither.
     let method = req.method().clone();
-    let path = req.uri().path().to_string();
+    let uri = req.uri().clone();
     let resp = next.run(req).await;
     let status = resp.status();
     let is_json = resp
@@ -175,7 +176,7 @@ pub async fn openai_shaped(req: axum::extract::Request, next: axum::middleware::
         .map(|b| String::from_utf8_lossy(&b).trim().to_string())
         .unwrap_or_default();
     let message = match status {
-        StatusCode::METHOD_NOT_ALLOWED => format!("{method} is not allowed on {path}"),
+        StatusCode::METHOD_NOT_ALLOWED => format!("{method} is not allowed on {}", uri.path()),
         _ if text.is_empty() => status.canonical_reason().unwrap_or("error").to_string(),
         _ => text,
     };

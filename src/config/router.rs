@@ -30,6 +30,9 @@ struct RawRoute {
     fallback: Vec<String>,
     targets: Vec<RawTarget>,
     sticky_ttl: Option<i64>,
+    /// A `primary` or a target could not be read (reported already: a route left empty
+    /// by it is not reported again).
+    bad_targets: bool,
 }
 
 /// Reads the file key by key, so that every bad key is named at once: serde would stop
@@ -86,16 +89,24 @@ fn read_route(f: &str, name: &str, v: &serde_yaml::Value, problems: &mut Vec<Str
         let key = format!("{f}: routes.{name}.{k}");
         match k.as_str() {
             "strategy" => route.strategy = field(&key, v, problems),
-            "primary" => route.primary = field(&key, v, problems),
+            "primary" => {
+                route.primary = field(&key, v, problems);
+                route.bad_targets |= route.primary.is_none();
+            }
             "fallback" => route.fallback = field(&key, v, problems).unwrap_or_default(),
             "sticky_ttl" => route.sticky_ttl = field(&key, v, problems),
             "targets" => {
-                let items: Vec<serde_yaml::Value> = field(&key, v, problems).unwrap_or_default();
+                let items: Option<Vec<serde_yaml::Value>> = field(&key, v, problems);
+                let items = items.unwrap_or_else(|| {
+                    route.bad_targets = true;
+                    Vec::new()
+                });
                 route.targets = items
                     .iter()
                     .enumerate()
                     .filter_map(|(i, t)| field(&format!("{key}[{i}]"), t, problems))
                     .collect();
+                route.bad_targets |= route.targets.len() < items.len();
             }
             _ => problems.push(format!(
                 "{key}: unknown key (expected strategy, primary, fallback, targets or sticky_ttl)"
@@ -274,6 +285,7 @@ pub fn parse(
 
     let mut routes = BTreeMap::new();
     for (name, r) in raw.routes {
+        let bad_targets = r.bad_targets;
         let key = |k: &str| format!("{f}: routes.{name}.{k}");
         let strategy = match r.strategy.as_deref() {
             None | Some("priority") => Strategy::Priority,
@@ -353,7 +365,7 @@ pub fn parse(
                 });
             }
         }
-        if targets.is_empty() {
+        if targets.is_empty() && !bad_targets {
             problems.push(format!(
                 "{}: route has no targets (set primary or targets)",
                 key("targets")
@@ -540,5 +552,10 @@ routes:
         ] {
             assert!(err.contains(expected), "missing `{expected}` in:\n{err}");
         }
+        // CODE's primary is reported as ill-typed, not again as a route without targets.
+        assert!(
+            !err.contains("routes.CODE.targets: route has no targets"),
+            "{err}"
+        );
     }
 }

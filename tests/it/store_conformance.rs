@@ -849,9 +849,11 @@ async fn concurrent_finishes_each_get_their_answer(store: Store) {
     }
 }
 
-/// Plain successes (nothing to book, no provider state to change) that end together with
-/// other kinds of ends: Postgres writes the plain ones set-wise and the rest one by one,
-/// and the outcome must be the same as writing each alone.
+/// Ends of several kinds and providers that arrive together (both stores write them as
+/// one group): plain successes (nothing to book, no provider state to change), successes
+/// that reset or extend a provider's state, a failure, the same job twice and a stale end.
+/// Each must come out as if written alone, in the order given; any store that writes a
+/// group set-wise has to keep to that.
 async fn grouped_ends_match_one_by_one(store: Store) {
     let now = store.now_ms().await.unwrap();
     for (p, n) in [("a", 3), ("b", 3), ("c", 1), ("d", 1)] {
@@ -859,7 +861,7 @@ async fn grouped_ends_match_one_by_one(store: Store) {
             insert(&store, job(&format!("{p}{i}"), &[p], now - 100 + i)).await;
         }
     }
-    // Provider c has one failure counted: a success there resets it, so it is not plain.
+    // Provider c has one failure counted: a success there must reset it.
     let c0 = lease_one(&store, "c", "i1").await;
     let mut failed = finish(
         &c0,
@@ -874,7 +876,8 @@ async fn grouped_ends_match_one_by_one(store: Store) {
     failed.effect.success = Some(false);
     failed.effect.breaker = Some((5, 1_000));
     assert!(store.finish_attempt(&failed).await.unwrap());
-    // Provider b has a state with no failures: a success there alone would be plain.
+    // Provider b has a state with no failures: a success alone would change nothing, but
+    // the one below follows b's failure in the same group and must reset it.
     let b0 = lease_one(&store, "b", "i1").await;
     let mut b_first = finish(&b0, "i1", AttemptOutcome::Ok, succeed());
     b_first.effect.success = Some(true);

@@ -250,7 +250,7 @@ async fn create_batch(
             now,
         )
         .await?;
-    shared.telemetry.accepted(jobs.len() as i64);
+    shared.telemetry.joined_queue(jobs.len());
     let mut providers: Vec<&str> = jobs.iter().map(crate::queue::NewJob::provider).collect();
     providers.sort_unstable();
     providers.dedup();

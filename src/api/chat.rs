@@ -151,7 +151,7 @@ async fn accept(
     let stream_rx = stream.then(|| shared.streams.open(&id));
     let job_id = match crate::worker::insert_and_start(shared, &new).await {
         Ok(Inserted::New) => {
-            shared.telemetry.accepted(1);
+            shared.telemetry.joined_queue(1);
             tracing::debug!(job_id = %id, task = %new.task, provider = %new.provider(), stream, "job accepted");
             id
         }

@@ -49,6 +49,9 @@ pub async fn cancel_job(
             .await?
             .ok_or_else(|| ApiError::not_found(format!("no job with id {id}")))?;
         if job.status == JobStatus::Cancelled {
+            if before.status == JobStatus::Queued {
+                shared.telemetry.left_queue(1);
+            }
             // Stop the call at once if it runs here; elsewhere the lease renewal notices.
             shared.abort_call(&id);
             shared.telemetry.job_finished(&job, None);

@@ -168,11 +168,12 @@ impl Telemetry {
     }
 
     /// `n` jobs joined the queue here (accepted, or re-queued after an attempt).
-    pub fn accepted(&self, n: i64) {
-        self.queued.fetch_add(n, Ordering::Relaxed);
+    pub fn joined_queue(&self, n: usize) {
+        self.queued
+            .fetch_add(i64::try_from(n).unwrap_or(i64::MAX), Ordering::Relaxed);
     }
 
-    /// `n` jobs left the queue here (leased).
+    /// `n` jobs left the queue here (leased, or cancelled while queued).
     pub fn left_queue(&self, n: usize) {
         self.queued
             .fetch_sub(i64::try_from(n).unwrap_or(i64::MAX), Ordering::Relaxed);

@@ -388,7 +388,7 @@ async fn settle(
             shared
                 .telemetry
                 .held(&job.id, Duration::from_millis(delay_ms.unsigned_abs()));
-            shared.telemetry.accepted(1);
+            shared.telemetry.joined_queue(1);
             shared.signals.wake_pool(provider);
         }
         _ => {

@@ -365,6 +365,13 @@ async fn the_queue_depth_limit_counts_waiting_jobs_only() {
     assert!(refused.headers().contains_key("retry-after"));
     let err: Value = refused.json().await.unwrap();
     assert_openai_error(&err, "rate_limit");
+    // A cancelled queued job leaves room for one more.
+    let cancelled = ids.pop().unwrap();
+    let resp = app.post(&format!("/v1/jobs/{cancelled}/cancel")).await;
+    assert_eq!(resp.status(), 200);
+    let resp = async_req().await;
+    assert_eq!(resp.status(), 202);
+    ids.push(req_id(&resp));
     // Once the backlog has run, requests are taken again.
     for id in &ids {
         let job = app.wait_job(id, std::time::Duration::from_secs(20)).await;

@@ -50,7 +50,7 @@ pub async fn open_store(settings: &Settings) -> Result<Arc<dyn QueueStore>, queu
             queue::sqlite::SqliteStore::open(path, settings.sqlite_sync).await?,
         )),
         DatabaseUrl::Postgres(url) => Ok(Arc::new(
-            queue::postgres::PostgresStore::connect(url).await?,
+            queue::postgres::PostgresStore::connect_with(url, settings.postgres_sync).await?,
         )),
     }
 }

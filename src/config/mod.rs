@@ -12,7 +12,7 @@ use std::fmt;
 
 pub use providers::{ProviderConfig, ProviderKind};
 pub use router::{Defaults, Route, RouterConfig, Strategy, Target};
-pub use settings::{DatabaseUrl, Settings, SqliteSync};
+pub use settings::{DatabaseUrl, PostgresSync, Settings, SqliteSync};
 
 /// One or more configuration problems, each naming file (or variable), key and reason.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -49,12 +49,26 @@ pub enum SqliteSync {
     Full,
 }
 
+/// Which Postgres commits wait for the write-ahead log to reach the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PostgresSync {
+    /// Accepting a job (and every write the API answers about: batches, files, cancels)
+    /// waits for the flush; a lease or an attempt's end does not (`synchronous_commit =
+    /// off` for that transaction). A gateway crash loses nothing; a database server crash
+    /// may lose the last fraction of a second of leases and ends, and those jobs run
+    /// again once their leases expire. Never a job. The default.
+    Normal,
+    /// Every commit waits for the flush, as the server is configured.
+    Full,
+}
+
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub config_dir: PathBuf,
     pub use_dummy: bool,
     pub database_url: DatabaseUrl,
     pub sqlite_sync: SqliteSync,
+    pub postgres_sync: PostgresSync,
     pub bind: SocketAddr,
     pub inbound_api_keys: Vec<String>,
     pub api_key_header: String,
@@ -124,19 +138,25 @@ impl Settings {
                 DatabaseUrl::Sqlite("./data/orch.db".into())
             }
         };
-        let sqlite_sync = match var("ORCH_SQLITE_SYNCHRONOUS")
-            .as_deref()
-            .map(str::to_ascii_uppercase)
-        {
-            None => SqliteSync::Normal,
-            Some(v) if v == "NORMAL" => SqliteSync::Normal,
-            Some(v) if v == "FULL" => SqliteSync::Full,
+        // NORMAL (the default) or FULL, whichever the store.
+        let mut normal_or_full = |k: &str| match var(k).as_deref().map(str::to_ascii_uppercase) {
+            None => false,
+            Some(v) if v == "NORMAL" => false,
+            Some(v) if v == "FULL" => true,
             Some(v) => {
-                problems.push(format!(
-                    "ORCH_SQLITE_SYNCHRONOUS: expected NORMAL or FULL, got `{v}`"
-                ));
-                SqliteSync::Normal
+                problems.push(format!("{k}: expected NORMAL or FULL, got `{v}`"));
+                false
             }
+        };
+        let sqlite_sync = if normal_or_full("ORCH_SQLITE_SYNCHRONOUS") {
+            SqliteSync::Full
+        } else {
+            SqliteSync::Normal
+        };
+        let postgres_sync = if normal_or_full("ORCH_POSTGRES_SYNCHRONOUS") {
+            PostgresSync::Full
+        } else {
+            PostgresSync::Normal
         };
         let bind_raw = var("ORCH_BIND").unwrap_or_else(|| "127.0.0.1:31001".into());
         let bind = bind_raw.parse().unwrap_or_else(|_| {
@@ -171,6 +191,7 @@ impl Settings {
                 .is_some_and(|v| v == "1" || v.eq_ignore_ascii_case("true")),
             database_url,
             sqlite_sync,
+            postgres_sync,
             bind,
             inbound_api_keys: list("ORCH_INBOUND_API_KEYS"),
             api_key_header: var("ORCH_API_KEY_HEADER")
@@ -269,6 +290,37 @@ mod tests {
         .to_string();
         assert!(err.contains("ORCH_LEASE_SECONDS"), "{err}");
         assert!(err.contains("ORCH_DATABASE_URL"), "{err}");
+    }
+
+    #[test]
+    fn durability_is_normal_unless_full_is_asked() {
+        let s = with(&[]).unwrap();
+        assert_eq!(
+            (s.sqlite_sync, s.postgres_sync),
+            (SqliteSync::Normal, PostgresSync::Normal)
+        );
+        let s = with(&[
+            ("ORCH_SQLITE_SYNCHRONOUS", "full"),
+            ("ORCH_POSTGRES_SYNCHRONOUS", "FULL"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (s.sqlite_sync, s.postgres_sync),
+            (SqliteSync::Full, PostgresSync::Full)
+        );
+        let s = with(&[("ORCH_POSTGRES_SYNCHRONOUS", "normal")]).unwrap();
+        assert_eq!(s.postgres_sync, PostgresSync::Normal);
+        let err = with(&[
+            ("ORCH_SQLITE_SYNCHRONOUS", "off"),
+            ("ORCH_POSTGRES_SYNCHRONOUS", "sometimes"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("ORCH_SQLITE_SYNCHRONOUS: expected NORMAL or FULL, got `OFF`"),
+            "{err}"
+        );
+        assert!(err.contains("ORCH_POSTGRES_SYNCHRONOUS"), "{err}");
     }
 
     #[test]

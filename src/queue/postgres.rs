@@ -12,6 +12,20 @@
 //!   commit), or, on the hot paths (a job queued, an attempt ended), right after it
 //!   commits (see `News`).
 
+/// Appended to the `FROM` of a statement that runs in a transaction of its own (or
+/// starts one), it sets that transaction's `synchronous_commit` to the text parameter
+/// `$n` (see `commit_wait`); a `NULL` there keeps the server's setting.
+macro_rules! commit_wait {
+    ($n:literal) => {
+        concat!(
+            " CROSS JOIN (SELECT set_config('synchronous_commit', \
+             COALESCE($",
+            $n,
+            "::text, current_setting('synchronous_commit')), true)) AS sc"
+        )
+    };
+}
+
 #[macro_use]
 mod conns;
 mod grouped;
@@ -32,6 +46,7 @@ use super::row::{
     interrupted_attempt_error, mark_leased, orphaned_stream_error,
 };
 use super::*;
+use crate::config::PostgresSync;
 use crate::{attempt_columns, job_columns};
 
 /// The database clock in milliseconds since the epoch (`clock_timestamp`, not `now()`:
@@ -67,21 +82,34 @@ const GROUPS_IN_FLIGHT: usize = 2;
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Writes of one kind in groups (see `grouped`): each group is one statement of
-/// `$write(&mut PgConnection, &[item])` on a connection of `$conns`.
+/// `$write(&mut PgConnection, &[item], $args…)` on a connection of `$conns`.
 macro_rules! grouped_writes {
-    ($conns:expr, $write:path) => {{
+    ($conns:expr, $write:path $(, $arg:expr)*) => {{
         let conns = $conns.clone();
         grouped::Grouped::new(GROUPS_IN_FLIGHT, move |items: Vec<_>| {
             let conns = conns.clone();
             async move {
                 grouped::all_or_each(items, |group| {
                     let conns = conns.clone();
-                    async move { Ok(on_conn!(conns, |c| $write(c, &group))?) }
+                    async move { Ok(on_conn!(conns, |c| $write(c, &group $(, $arg)*))?) }
                 })
                 .await
             }
         })
     }};
+}
+
+/// The `synchronous_commit` of leases and attempt ends: `off` unless every commit is to
+/// wait for the flush. Accepting a job always waits: that commit is what makes it durable
+/// before the request waits for it. A lease or an end lost with a database crash (only
+/// the last fraction of a second, and never one a later durable commit followed, since
+/// the log is replayed in order) leaves its job running under an expired lease: the
+/// rescuer queues it again and it runs once more.
+fn commit_wait(sync: PostgresSync) -> Option<&'static str> {
+    match sync {
+        PostgresSync::Normal => Some("off"),
+        PostgresSync::Full => None,
+    }
 }
 
 /// A pooled connection idle this long is pinged before use.
@@ -97,6 +125,8 @@ pub struct PostgresStore {
     finishes: grouped::Grouped<AttemptFinish, bool>,
     /// The server processes of our pool's connections.
     own: listener::OwnBackends,
+    /// `synchronous_commit` for leases (see `commit_wait`).
+    lease_commit: Option<&'static str>,
     /// Whether other instances may hear our news (sent only then).
     peers: listener::Peers,
     /// This instance announced itself (at its first heartbeat).
@@ -119,9 +149,14 @@ impl PostgresStore {
         Ok(Inserted::Existing(Box::new(row.try_into()?)))
     }
 
+    /// Connects with the default durability (`PostgresSync::Normal`).
+    pub async fn connect(url: &str) -> StoreResult<Self> {
+        Self::connect_with(url, PostgresSync::Normal).await
+    }
+
     /// Connects and applies the migrations (concurrent starts are safe: sqlx migrates
     /// under an advisory lock).
-    pub async fn connect(url: &str) -> StoreResult<Self> {
+    pub async fn connect_with(url: &str, sync: PostgresSync) -> StoreResult<Self> {
         // The URL may hold a password: errors never repeat it.
         let options: PgConnectOptions = url
             .parse()
@@ -166,7 +201,7 @@ impl PostgresStore {
             ACQUIRE_TIMEOUT,
         ));
         let inserts = grouped_writes!(conns, writes::insert_jobs);
-        let finishes = grouped_writes!(conns, writes::finish_attempts);
+        let finishes = grouped_writes!(conns, writes::finish_attempts, commit_wait(sync));
         Ok(Self {
             batches: super::postgres_batches::PgBatchStore::new(pool.clone()),
             news: News::start(conns.clone(), peers.clone()),
@@ -177,6 +212,7 @@ impl PostgresStore {
             conns,
             pool,
             own,
+            lease_commit: commit_wait(sync),
         })
     }
 
@@ -348,17 +384,22 @@ macro_rules! lease_select {
     };
 }
 
-fn lease_query(
-    req: &LeaseRequest,
+/// A lease in a transaction of its own (`write`), or the pick of one that writes next;
+/// either way the transaction commits as `commit` says (see `commit_wait`).
+fn lease_query<'q>(
+    req: &'q LeaseRequest,
     write: bool,
-) -> sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments> {
+    commit: Option<&'static str>,
+) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
     bind_lease(
-        sqlx::query(lease_select!(
-            "orch_lease($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+        sqlx::query(concat!(
+            lease_select!("orch_lease($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"),
+            commit_wait!(11)
         )),
         req,
     )
     .bind(write)
+    .bind(commit)
 }
 
 /// Binds the lease parameters of `orch_lease` (all but `p_write`).
@@ -596,14 +637,16 @@ impl QueueStore for PostgresStore {
         // Without tpm nothing depends on the picked rows: lock, read, decide, pick and
         // write are one call of `orch_lease`, one round trip in its own transaction.
         if req.budget.tpm.is_none() {
-            let q = lease_query(req, true);
+            let q = lease_query(req, true, self.lease_commit);
             let rows = on_conn!(self.conns, |c| q.fetch_all(c))?;
             return written_lease(rows, req);
         }
         // With tpm each job books its token estimate, which Rust computes from the picked
         // row: pick under the lock, then write, in one transaction.
         let mut tx = self.pool.begin().await?;
-        let rows = lease_query(req, false).fetch_all(&mut *tx).await?;
+        let rows = lease_query(req, false, self.lease_commit)
+            .fetch_all(&mut *tx)
+            .await?;
         let (head, rows) = lease_rows(rows)?;
         if rows.is_empty() {
             tx.commit().await?;
@@ -938,26 +981,122 @@ mod tests {
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
     }
 
+    /// A database of its own for one test, on the server of `server_url`.
+    struct FreshDatabase {
+        admin: PgConnection,
+        name: String,
+        url: String,
+    }
+
+    impl FreshDatabase {
+        async fn create() -> Self {
+            let admin_url = server_url();
+            let mut admin = PgConnection::connect(&admin_url)
+                .await
+                .unwrap_or_else(|e| panic!("Postgres at {admin_url} is unreachable: {e}"));
+            let name = format!("orch_unit_{}", uuid::Uuid::new_v4().simple());
+            admin
+                .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                .await
+                .unwrap();
+            let (base, _) = admin_url
+                .split('?')
+                .next()
+                .unwrap()
+                .rsplit_once('/')
+                .unwrap();
+            let url = format!("{base}/{name}");
+            Self { admin, name, url }
+        }
+
+        async fn drop(mut self) {
+            let _ = self
+                .admin
+                .execute(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                    self.name
+                )))
+                .await;
+        }
+    }
+
+    /// A lease's and an attempt end's statements set their transaction's
+    /// `synchronous_commit` as `commit_wait` says (`off` by default), and keep the
+    /// server's setting under `ORCH_POSTGRES_SYNCHRONOUS=FULL`.
+    #[tokio::test]
+    async fn leases_and_ends_commit_as_told() {
+        let db = FreshDatabase::create().await;
+        let store = PostgresStore::connect(&db.url).await;
+        let req = LeaseRequest {
+            provider: "p".into(),
+            model: "m".into(),
+            instance: "i".into(),
+            lease_ms: 30_000,
+            max_jobs: 1,
+            budget: Budget {
+                rpm: 10,
+                concurrency: 10,
+                tpm: None,
+            },
+        };
+        let fin = AttemptFinish {
+            job_id: "nope".into(),
+            attempt_n: 1,
+            instance: "i".into(),
+            provider: "p".into(),
+            finished_at: 1,
+            outcome: AttemptOutcome::Ok,
+            status_code: Some(200),
+            error: None,
+            tokens: None,
+            count_tokens: false,
+            transition: Transition::Succeed {
+                result: "{}".into(),
+                usage_prompt: None,
+                usage_completion: None,
+            },
+            effect: ProviderEffect::default(),
+        };
+        let setting = "SELECT current_setting('synchronous_commit')";
+        let result = async {
+            let store = store?;
+            let server: String = sqlx::query_scalar(setting).fetch_one(&store.pool).await?;
+            let mut seen = Vec::new();
+            for sync in [PostgresSync::Normal, PostgresSync::Full] {
+                let mut tx = store.pool.begin().await?;
+                lease_query(&req, true, commit_wait(sync))
+                    .fetch_all(&mut *tx)
+                    .await?;
+                let lease: String = sqlx::query_scalar(setting).fetch_one(&mut *tx).await?;
+                tx.rollback().await?;
+                let mut tx = store.pool.begin().await?;
+                writes::finish_attempts(&mut tx, std::slice::from_ref(&fin), commit_wait(sync))
+                    .await?;
+                let end: String = sqlx::query_scalar(setting).fetch_one(&mut *tx).await?;
+                tx.rollback().await?;
+                seen.push((sync, lease, end));
+            }
+            store.pool.close().await;
+            StoreResult::Ok((server, seen))
+        }
+        .await;
+        db.drop().await;
+        let (server, seen) = result.unwrap();
+        assert_eq!(
+            seen,
+            [
+                (PostgresSync::Normal, "off".to_string(), "off".to_string()),
+                (PostgresSync::Full, server.clone(), server)
+            ]
+        );
+    }
+
     /// `orch_admit` (the lease's budget rule in SQL) decides as `budget::admit` does, on
     /// every combination of a grid around each limit.
     #[tokio::test]
     async fn orch_admit_matches_budget_admit() {
-        let admin_url = server_url();
-        let mut admin = PgConnection::connect(&admin_url)
-            .await
-            .unwrap_or_else(|e| panic!("Postgres at {admin_url} is unreachable: {e}"));
-        let name = format!("orch_unit_{}", uuid::Uuid::new_v4().simple());
-        admin
-            .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .await
-            .unwrap();
-        let (base, _) = admin_url
-            .split('?')
-            .next()
-            .unwrap()
-            .rsplit_once('/')
-            .unwrap();
-        let store = PostgresStore::connect(&format!("{base}/{name}")).await;
+        let db = FreshDatabase::create().await;
+        let store = PostgresStore::connect(&db.url).await;
 
         type Case = (budget::Usage, Budget, u32);
         let now = 1_000_000i64;
@@ -1017,11 +1156,7 @@ mod tests {
             StoreResult::Ok(got)
         }
         .await;
-        let _ = admin
-            .execute(sqlx::AssertSqlSafe(format!(
-                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-            )))
-            .await;
+        db.drop().await;
         let got = result.unwrap();
         assert_eq!(got.len(), cases.len());
         let mut admitted = 0;

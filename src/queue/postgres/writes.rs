@@ -110,7 +110,8 @@ fn finish_args(fin: &AttemptFinish) -> FinishArgs<'_> {
     }
 }
 
-/// Ends attempts with `orch_finish`, all in one statement and so one transaction.
+/// Ends attempts with `orch_finish`, all in one statement and so one transaction, whose
+/// `synchronous_commit` is `commit` (`NULL`: the server's; see `commit_wait`).
 /// Returns, in order, whether each attempt's lease was still held (its outcome written).
 ///
 /// The attempts are finished in provider order, so that two groups touching the same
@@ -118,12 +119,13 @@ fn finish_args(fin: &AttemptFinish) -> FinishArgs<'_> {
 pub async fn finish_attempts(
     conn: &mut PgConnection,
     fins: &[AttemptFinish],
+    commit: Option<&'static str>,
 ) -> Result<Vec<bool>, sqlx::Error> {
     let mut order: Vec<usize> = (0..fins.len()).collect();
     order.sort_by(|&a, &b| fins[a].provider.cmp(&fins[b].provider));
     let sorted: Vec<&AttemptFinish> = order.iter().map(|&i| &fins[i]).collect();
     let args: Vec<FinishArgs> = sorted.iter().map(|f| finish_args(f)).collect();
-    let q = finish_query(&order, &sorted, &args);
+    let q = finish_query(&order, &sorted, &args).bind(commit);
     let rows: Vec<PgRow> = q.fetch_all(conn).await?;
     let mut done = vec![false; fins.len()];
     for row in rows {
@@ -148,7 +150,7 @@ fn finish_query<'q>(
         |g: &dyn Fn(&'q AttemptFinish) -> &'q str| fins.iter().map(|x| g(x)).collect::<Vec<_>>();
     let a = |g: &dyn Fn(&FinishArgs<'q>) -> Option<i64>| args.iter().map(g).collect::<Vec<_>>();
     let effect = |g: &dyn Fn(&AttemptFinish) -> bool| fins.iter().map(|x| g(x)).collect::<Vec<_>>();
-    sqlx::query(
+    sqlx::query(concat!(
         "SELECT t.i, orch_finish(t.job_id, t.attempt_n, t.instance, t.provider, t.finished_at, \
          t.outcome, t.status_code, t.error, t.tokens, t.count_tokens, t.kind, t.result, \
          t.usage_prompt, t.usage_completion, t.job_status, t.job_error, t.run_at, t.hop, \
@@ -161,7 +163,8 @@ fn finish_query<'q>(
          status_code, error, tokens, count_tokens, kind, result, usage_prompt, usage_completion, \
          job_status, job_error, run_at, hop, to_provider, effect, cooldown_until, success, \
          threshold, open_ms)",
-    )
+        commit_wait!(26)
+    ))
     .bind(order.iter().map(|&i| i as i64).collect::<Vec<_>>())
     .bind(s(&|x| x.job_id.as_str()))
     .bind(f(&|x| x.attempt_n))

@@ -32,7 +32,9 @@ impl Cluster {
         }
     }
 
-    /// Starts instance `node-N` whose provider `up` (on `fake`) has these limits.
+    /// Starts instance `node-N` whose provider `up` (on `fake`) has these limits. Odd
+    /// nodes wait for every commit (`ORCH_POSTGRES_SYNCHRONOUS=FULL`), even ones only for
+    /// accepts (the default): instances of both kinds share one database and its budgets.
     async fn start(&mut self, fake: &FakeOpenAi, limits: &str, lease_secs: u32) -> usize {
         let n = self.nodes.len();
         let dir = self.dir.path().join(format!("node-{n}"));
@@ -43,6 +45,10 @@ impl Cluster {
         .env("ORCH_DATABASE_URL", &self.db_url)
         .env("ORCH_INSTANCE_ID", &format!("node-{n}"))
         .env("ORCH_LEASE_SECONDS", &lease_secs.to_string())
+        .env(
+            "ORCH_POSTGRES_SYNCHRONOUS",
+            if n % 2 == 1 { "FULL" } else { "NORMAL" },
+        )
         .env("RUST_LOG", "info");
         let env: HashMap<String, String> = prepare(&dir, &opts);
         let node = spawn_binary(self.dir.path(), &env, &format!("log-{n}.txt"));

@@ -25,16 +25,22 @@ pub fn client(concurrency: usize) -> reqwest::Client {
         .expect("client")
 }
 
-/// Runs the load against `url` (a chat completions endpoint).
+/// Runs the load against `url` without a break: `warmup`, then the measured `window`.
+/// Only requests that complete inside the window count, and their rate is per second of
+/// window: a steady state, with neither a start-up wave (every client sending at the
+/// same instant) nor a drain (whose length would be the slowest last request's).
+/// `probe` is read when the window opens and when it closes; the difference is returned.
 pub async fn run(
     http: &reqwest::Client,
     url: &str,
     concurrency: usize,
-    duration: Duration,
-) -> Stats {
+    warmup: Duration,
+    window: Duration,
+    probe: impl Fn() -> f64,
+) -> (Stats, f64) {
     let url: Arc<str> = Arc::from(url);
-    let start = Instant::now();
-    let end = start + duration;
+    let from = Instant::now() + warmup;
+    let end = from + window;
     let tasks: Vec<_> = (0..concurrency)
         .map(|_| {
             let http = http.clone();
@@ -58,8 +64,12 @@ pub async fn run(
                         }
                         Err(_) => false,
                     };
+                    let done = Instant::now();
+                    if done < from || done > end {
+                        continue;
+                    }
                     if ok {
-                        lat.push(t.elapsed());
+                        lat.push(done - t);
                     } else {
                         errors += 1;
                     }
@@ -68,6 +78,10 @@ pub async fn run(
             })
         })
         .collect();
+    tokio::time::sleep_until(from.into()).await;
+    let probed = probe();
+    tokio::time::sleep_until(end.into()).await;
+    let probed = probe() - probed;
     let mut all = Vec::new();
     let mut errors = 0;
     for t in tasks {
@@ -76,7 +90,6 @@ pub async fn run(
             errors += e;
         }
     }
-    let elapsed = start.elapsed().as_secs_f64();
     all.sort();
     let pct = |p: f64| -> f64 {
         if all.is_empty() {
@@ -85,11 +98,12 @@ pub async fn run(
         let i = ((all.len() as f64 - 1.0) * p).round() as usize;
         all[i].as_secs_f64() * 1000.0
     };
-    Stats {
+    let stats = Stats {
         requests: all.len(),
         errors,
-        rps: all.len() as f64 / elapsed,
+        rps: all.len() as f64 / window.as_secs_f64(),
         p50_ms: pct(0.50),
         p99_ms: pct(0.99),
-    }
+    };
+    (stats, probed)
 }

@@ -91,8 +91,15 @@ async fn main() {
         for &concurrency in &args.concurrency {
             let http = load::client(concurrency);
             let direct_url = format!("{upstream}/v1/chat/completions");
-            let _ = load::run(&http, &direct_url, concurrency, Duration::from_secs(1)).await;
-            let direct = load::run(&http, &direct_url, concurrency, duration).await;
+            let (direct, _) = load::run(
+                &http,
+                &direct_url,
+                concurrency,
+                Duration::from_secs(1),
+                duration,
+                || 0.0,
+            )
+            .await;
             for (backend, pg) in &backends {
                 let db = match pg {
                     Some(admin) => Some(fresh_pg_database(admin).await),
@@ -100,10 +107,15 @@ async fn main() {
                 };
                 let gw = Gateway::start(&upstream, db.as_deref(), 1024).await;
                 let url = format!("{}/v1/chat/completions", gw.url);
-                let _ = load::run(&http, &url, concurrency, Duration::from_secs(2)).await;
-                let cpu0 = gw.cpu_seconds();
-                let through = load::run(&http, &url, concurrency, duration).await;
-                let cpu = gw.cpu_seconds() - cpu0;
+                let (through, cpu) = load::run(
+                    &http,
+                    &url,
+                    concurrency,
+                    Duration::from_secs(2),
+                    duration,
+                    || gw.cpu_seconds(),
+                )
+                .await;
                 let row = Row {
                     backend,
                     concurrency,

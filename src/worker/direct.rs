@@ -11,8 +11,11 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use tokio::sync::OwnedSemaphorePermit;
+
 use super::{Shared, pool};
-use crate::queue::{Inserted, NewJob, StoreResult};
+use crate::providers::Provider;
+use crate::queue::{Inserted, LeaseRequest, NewJob, StoreError, StoreResult};
 
 /// Inserts `job` and, when a call slot of its provider is free here, leases and starts
 /// what the queue gives at once. Either way the job is committed when this returns.
@@ -43,6 +46,26 @@ pub async fn insert_and_start(shared: &Arc<Shared>, job: &NewJob) -> StoreResult
         }
         return Ok(inserted);
     };
+    // A job leased here must reach its call even when the request goes away meanwhile
+    // (its future dropped while the write runs): otherwise it would sit leased and idle
+    // until its lease expired. So the write and the start run on a task of their own.
+    let (shared, job) = (shared.clone(), job.clone());
+    let tracker = shared.tracker.clone();
+    tracker
+        .spawn(async move { accept_and_start(&shared, &job, provider, permit, req).await })
+        .await
+        .map_err(|e| StoreError::Write(format!("the accept stopped: {e}")))?
+}
+
+/// Inserts `job` with a lease of `req` and starts the call of what was leased.
+async fn accept_and_start(
+    shared: &Arc<Shared>,
+    job: &NewJob,
+    provider: Arc<dyn Provider>,
+    permit: OwnedSemaphorePermit,
+    req: LeaseRequest,
+) -> StoreResult<Inserted> {
+    let name = job.provider();
     let (inserted, lease) = shared.store.insert_and_lease(job, &req).await?;
     if !matches!(inserted, Inserted::New) {
         return Ok(inserted);

@@ -175,3 +175,66 @@ async fn a_go_and_look_wake_up_does_not_end_a_waiting_stream() {
     assert!(sse.ends_with_done(), "{}", sse.text());
     assert!(sse.text().contains("streamed"), "{}", sse.text());
 }
+
+/// A request that goes away while its accept-and-lease is being written (its client
+/// disconnected, so its future was dropped): the accept still completes and the job runs
+/// at once. Before, the write went down with the request: abandoned half-way (no job), or
+/// committed with its answer dropped, which left the job leased with no call until its
+/// lease expired (60 s here). On Postgres, where that write is a statement in flight
+/// (SQLite writes a lone accept before its first await).
+#[tokio::test]
+async fn a_request_dropped_mid_accept_still_runs_its_job() {
+    use futures::FutureExt;
+    use llm_orch::queue::{JobStatus, NewJob, PRIORITY_INTERACTIVE};
+
+    let db = crate::support::pg::TestDb::create().await;
+    let fake = FakeOpenAi::start().await;
+    let app = spawn_app(
+        Options::new(
+            openai_provider("up", &fake.base_url(), ""),
+            router_yaml(&["up"], ""),
+        )
+        .env("ORCH_DATABASE_URL", &db.url)
+        .env("ORCH_LEASE_SECONDS", "60"),
+    )
+    .await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let job = NewJob {
+        id: "dropped".into(),
+        task: "DEFAULT".into(),
+        chain: vec!["up".into()],
+        hop: 0,
+        request: user("hi").to_string(),
+        stream: false,
+        priority: PRIORITY_INTERACTIVE,
+        caller: None,
+        idempotency_key: None,
+        pinned_instance: None,
+        created_at: now,
+        deadline_at: now + 60_000,
+        batch_id: None,
+        custom_id: None,
+    };
+    // One poll sends the statement on its way, then the future is dropped, as when the
+    // client disconnects.
+    let _ = llm_orch::worker::insert_and_start(&app.shared, &job).now_or_never();
+    let started = std::time::Instant::now();
+    loop {
+        let status = app
+            .shared
+            .store
+            .get_job("dropped")
+            .await
+            .unwrap()
+            .map(|j| j.status);
+        if status == Some(JobStatus::Succeeded) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the job is {status:?} after 10 s: its accept did not complete and start it"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(fake.call_count(), 1);
+}

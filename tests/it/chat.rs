@@ -185,7 +185,7 @@ async fn a_go_and_look_wake_up_does_not_end_a_waiting_stream() {
 #[tokio::test]
 async fn a_request_dropped_mid_accept_still_runs_its_job() {
     use futures::FutureExt;
-    use llm_orch::queue::{JobStatus, NewJob, PRIORITY_INTERACTIVE};
+    use llm_orch::queue::JobStatus;
 
     let db = crate::support::pg::TestDb::create().await;
     let fake = FakeOpenAi::start().await;
@@ -198,23 +198,8 @@ async fn a_request_dropped_mid_accept_still_runs_its_job() {
         .env("ORCH_LEASE_SECONDS", "60"),
     )
     .await;
-    let now = chrono::Utc::now().timestamp_millis();
-    let job = NewJob {
-        id: "dropped".into(),
-        task: "DEFAULT".into(),
-        chain: vec!["up".into()],
-        hop: 0,
-        request: user("hi").to_string(),
-        stream: false,
-        priority: PRIORITY_INTERACTIVE,
-        caller: None,
-        idempotency_key: None,
-        pinned_instance: None,
-        created_at: now,
-        deadline_at: now + 60_000,
-        batch_id: None,
-        custom_id: None,
-    };
+    let job =
+        crate::support::jobs::new_job("dropped", &["up"], chrono::Utc::now().timestamp_millis());
     // One poll sends the statement on its way, then the future is dropped, as when the
     // client disconnects.
     let _ = llm_orch::worker::insert_and_start(&app.shared, &job).now_or_never();

@@ -10,6 +10,7 @@ use llm_orch::queue::postgres::PostgresStore;
 use llm_orch::queue::sqlite::SqliteStore;
 use llm_orch::queue::*;
 
+use crate::support::jobs::{REQUEST, new_job as job};
 use crate::support::pg::TestDb;
 
 type Store = Arc<dyn QueueStore>;
@@ -89,27 +90,6 @@ conformance!(
     purge_finished_jobs,
     heartbeats_and_instances,
 );
-
-const REQUEST: &str = r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":10}"#;
-
-fn job(id: &str, chain: &[&str], created_at: i64) -> NewJob {
-    NewJob {
-        id: id.into(),
-        task: "DEFAULT".into(),
-        chain: chain.iter().map(|s| s.to_string()).collect(),
-        hop: 0,
-        request: REQUEST.into(),
-        stream: false,
-        priority: PRIORITY_INTERACTIVE,
-        caller: None,
-        idempotency_key: None,
-        pinned_instance: None,
-        created_at,
-        deadline_at: created_at + 600_000,
-        batch_id: None,
-        custom_id: None,
-    }
-}
 
 fn budget(rpm: u32, concurrency: u32, tpm: Option<u32>) -> Budget {
     Budget {

@@ -7,6 +7,7 @@ pub mod fake;
 pub mod fake_anthropic;
 pub mod fake_ollama;
 pub mod fake_openai;
+pub mod jobs;
 pub mod pg;
 pub mod sse;
 

@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{TimeZone, Utc};
-use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::queue::{Job, JobStatus, QueueStore, StoreResult};
@@ -42,31 +41,60 @@ const SWEEP_ROUNDS: usize = 4;
 const MAX_BATCH: usize = 1024;
 
 /// The metrics line of a finished job. `model` is the upstream model of its last attempt
-/// (see [`last_model`]).
-pub fn line(job: &Job, model: Option<&str>) -> Value {
+/// (see [`last_model`]). Serialize it (`Display` gives the JSON text).
+pub fn line<'a>(job: &'a Job, model: Option<&'a str>) -> Line<'a> {
     let finished = job.finished_at.unwrap_or(job.created_at);
     let ts = Utc
         .timestamp_millis_opt(finished)
         .single()
         .unwrap_or_default();
-    json!({
-        "ts": ts.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
-        "req_id": job.id,
-        "task": job.task,
-        "provider": job.provider,
-        "model": model,
-        "latency_ms": (finished - job.created_at).max(0),
-        "ok": job.status == JobStatus::Succeeded,
-        "status": job.status_code,
-        "error": job.error.as_ref().map(|e| e.message.clone()),
-        "retries": (job.attempt_count - 1).max(0),
-        "usage_prompt": job.usage_prompt,
-        "usage_completion": job.usage_completion,
-        "queue_ms": job.started_at.map(|s| (s - job.created_at).max(0)),
-        "hops": job.hops,
-        "instance": job.finished_by,
-        "batch_id": job.batch_id,
-    })
+    Line {
+        batch_id: job.batch_id.as_deref(),
+        error: job.error.as_ref().map(|e| e.message.as_str()),
+        hops: job.hops,
+        instance: job.finished_by.as_deref(),
+        latency_ms: (finished - job.created_at).max(0),
+        model,
+        ok: job.status == JobStatus::Succeeded,
+        provider: &job.provider,
+        queue_ms: job.started_at.map(|s| (s - job.created_at).max(0)),
+        req_id: &job.id,
+        retries: (job.attempt_count - 1).max(0),
+        status: job.status_code,
+        task: &job.task,
+        ts: ts.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
+        usage_completion: job.usage_completion,
+        usage_prompt: job.usage_prompt,
+    }
+}
+
+/// One JSONL line (CONTRACT §7). Fields are in alphabetical order, as the lines have
+/// always been written; serialized straight from the job, without a JSON tree between.
+#[derive(Debug, serde::Serialize)]
+pub struct Line<'a> {
+    batch_id: Option<&'a str>,
+    error: Option<&'a str>,
+    hops: i64,
+    instance: Option<&'a str>,
+    latency_ms: i64,
+    model: Option<&'a str>,
+    ok: bool,
+    provider: &'a str,
+    queue_ms: Option<i64>,
+    req_id: &'a str,
+    retries: i64,
+    status: Option<i64>,
+    task: &'a str,
+    ts: String,
+    usage_completion: Option<i64>,
+    usage_prompt: Option<i64>,
+}
+
+impl std::fmt::Display for Line<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let text = serde_json::to_string(self).map_err(|_| std::fmt::Error)?;
+        f.write_str(&text)
+    }
 }
 
 /// The `model` of a job's line: the upstream model of its last attempt, or null when it
@@ -125,6 +153,7 @@ impl JsonlWriter {
             store,
             pending: Vec::new(),
             unmarked: Vec::new(),
+            held: HashSet::new(),
             swept: HashMap::new(),
             failing: false,
         };
@@ -173,7 +202,7 @@ impl JsonlWriter {
 }
 
 /// A line to write: job id, file name, text.
-struct Line {
+struct PendingLine {
     id: String,
     file: String,
     text: String,
@@ -184,9 +213,12 @@ struct Task {
     instance: String,
     store: Arc<dyn QueueStore>,
     /// Lines taken from the channel, not yet on disk.
-    pending: Vec<Line>,
+    pending: Vec<PendingLine>,
     /// Jobs whose lines are on disk but whose mark has not reached the database yet.
     unmarked: Vec<String>,
+    /// The jobs of `pending` and `unmarked`: a batch holds hundreds of lines under load,
+    /// too many to look for a repeat by scanning.
+    held: HashSet<String>,
     /// Jobs whose lines the sweep wrote, with when: a live message for one of them that
     /// arrives later (it sat in the channel during the sweep) is dropped.
     swept: HashMap<String, Instant>,
@@ -259,10 +291,7 @@ impl Task {
         let Some(finished) = job.finished_at else {
             return;
         };
-        if self.swept.contains_key(&job.id)
-            || self.unmarked.contains(&job.id)
-            || self.pending.iter().any(|l| l.id == job.id)
-        {
+        if self.swept.contains_key(&job.id) || self.held.contains(&job.id) {
             return;
         }
         let model = match model {
@@ -277,7 +306,8 @@ impl Task {
                 }
             },
         };
-        self.pending.push(Line {
+        self.held.insert(job.id.clone());
+        self.pending.push(PendingLine {
             id: job.id.clone(),
             file: file_name(finished),
             text: line(job, model.as_deref()).to_string(),
@@ -304,6 +334,9 @@ impl Task {
                 }
                 Err(e) => {
                     // Not marked: the sweep writes these lines once the disk takes them.
+                    for id in &ids {
+                        self.held.remove(id);
+                    }
                     if !self.failing {
                         tracing::error!(error = %e, dir = %self.dir.display(), "cannot write JSONL metrics");
                     }
@@ -313,7 +346,11 @@ impl Task {
         }
         if !self.unmarked.is_empty() {
             match self.store.mark_metrics_written(&self.unmarked).await {
-                Ok(()) => self.unmarked.clear(),
+                Ok(()) => {
+                    for id in self.unmarked.drain(..) {
+                        self.held.remove(&id);
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, jobs = self.unmarked.len(), "cannot mark metrics lines written; will retry")
                 }
@@ -387,7 +424,7 @@ fn duration_ms(d: Duration) -> i64 {
 
 /// Appends the lines, one write per file, and syncs each file before returning: a line
 /// is reported written only once the disk has it.
-fn append_all(dir: &Path, lines: &[Line]) -> std::io::Result<()> {
+fn append_all(dir: &Path, lines: &[PendingLine]) -> std::io::Result<()> {
     let mut by_file: BTreeMap<&str, String> = BTreeMap::new();
     for l in lines {
         let buf = by_file.entry(&l.file).or_default();

@@ -27,6 +27,7 @@ use super::*;
 use crate::config::SqliteSync;
 use crate::{attempt_columns, job_columns};
 
+mod checkpointer;
 mod writer;
 use writer::Writer;
 

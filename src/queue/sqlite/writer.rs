@@ -17,8 +17,9 @@
 //! (`synchronous=NORMAL`, where a commit is a few WAL `write`s), the caller runs its write
 //! itself, on its own thread: at low load a hand-off to the writer thread and back costs
 //! more (two context switches) than the write. Under load writes go to the thread, where
-//! they share commits. Checkpoints, which do fsync, then run on
-//! the writer thread (automatic checkpoints are off on this connection).
+//! they share commits. Checkpoints, which do fsync, are the writer thread's to start
+//! (automatic checkpoints are off on this connection); see `checkpointer` for where they
+//! run.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
@@ -30,6 +31,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::oneshot;
 
+use super::checkpointer::Checkpointer;
 use crate::config::SqliteSync;
 use crate::queue::{StoreError, StoreResult};
 
@@ -103,9 +105,13 @@ where
 
 /// How long the writer thread waits for work before it checkpoints what was committed.
 const CHECKPOINT_WHEN_IDLE: Duration = Duration::from_millis(100);
-/// Under steady load, checkpoint after this many commits (SQLite's own default is every
-/// 1,000 WAL pages; a commit here writes a handful).
+/// Under steady load, start a checkpoint after this many commits (SQLite's own default is
+/// every 1,000 WAL pages; a commit here writes a handful).
+#[cfg(not(test))]
 const CHECKPOINT_AFTER_COMMITS: u64 = 1000;
+/// Small in tests, so that a few thousand writes see many checkpoints.
+#[cfg(test)]
+const CHECKPOINT_AFTER_COMMITS: u64 = 50;
 
 pub(crate) struct Writer {
     conn: Arc<Mutex<Connection>>,
@@ -113,7 +119,7 @@ pub(crate) struct Writer {
     thread: Option<JoinHandle<()>>,
     /// Writes may run on the caller's thread (commits do not fsync).
     inline: bool,
-    /// Commits since the last checkpoint.
+    /// Commits since the last checkpoint was started.
     commits: Arc<AtomicU64>,
     /// Writes asked for and not yet answered.
     in_flight: AtomicUsize,
@@ -144,14 +150,17 @@ impl Writer {
             SqliteSync::Full => "FULL",
         };
         let inline = !read_only && sync == "NORMAL";
-        if !read_only {
+        let checkpoints = if read_only {
+            None
+        } else {
             // The writer thread checkpoints (see the module comment).
             conn.execute_batch(&format!(
                 "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA foreign_keys = OFF; \
                  PRAGMA wal_autocheckpoint = 0;"
             ))
             .map_err(open_error)?;
-        }
+            Some(Checkpointer::start(path)?)
+        };
         // Every statement of the store stays prepared (there are a few dozen).
         conn.set_prepared_statement_cache_capacity(128);
         let conn = Arc::new(Mutex::new(conn));
@@ -161,7 +170,7 @@ impl Writer {
             let (conn, commits) = (conn.clone(), commits.clone());
             std::thread::Builder::new()
                 .name("sqlite-writer".into())
-                .spawn(move || run(&conn, &queue, &commits, !read_only))
+                .spawn(move || run(&conn, &queue, &commits, checkpoints.as_ref()))
                 .map_err(|e| StoreError::Open(format!("cannot start the SQLite writer: {e}")))?
         };
         Ok(Self {
@@ -233,7 +242,12 @@ impl Drop for Writer {
     }
 }
 
-fn run(conn: &Mutex<Connection>, queue: &mpsc::Receiver<Op>, commits: &AtomicU64, writable: bool) {
+fn run(
+    conn: &Mutex<Connection>,
+    queue: &mpsc::Receiver<Op>,
+    commits: &AtomicU64,
+    checkpoints: Option<&Checkpointer>,
+) {
     loop {
         let first = match queue.recv_timeout(CHECKPOINT_WHEN_IDLE) {
             Ok(op) => Some(op),
@@ -253,12 +267,13 @@ fn run(conn: &Mutex<Connection>, queue: &mpsc::Receiver<Op>, commits: &AtomicU64
             commit_group(&conn, group);
             commits.fetch_add(1, Ordering::AcqRel);
         }
+        let Some(checkpoints) = checkpoints else {
+            continue;
+        };
+        checkpoints.finish_tail(&conn);
         let pending = commits.load(Ordering::Acquire);
-        if writable && pending > 0 && (idle || pending >= CHECKPOINT_AFTER_COMMITS) {
+        if pending > 0 && (idle || pending >= CHECKPOINT_AFTER_COMMITS) && checkpoints.ask() {
             commits.store(0, Ordering::Release);
-            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                tracing::warn!(error = %e, "SQLite checkpoint failed; retrying later");
-            }
         }
     }
 }
@@ -417,6 +432,43 @@ mod tests {
         }
         let w = open(&dir);
         assert_eq!(count(&w).await, 1);
+    }
+
+    /// Under writes without a pause the writer thread is never idle, and checkpoints run
+    /// beside it: the WAL must still start over, not grow with everything written.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_wal_starts_over_under_unbroken_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Arc::new(open(&dir));
+        w.write(|c| Ok(c.execute_batch("CREATE TABLE t (n INTEGER PRIMARY KEY, pad BLOB)")?))
+            .await
+            .unwrap();
+        let wal = dir.path().join("w.db-wal");
+        let (writers, each) = (8, 2_500);
+        let mut largest = 0;
+        let loops: Vec<_> = (0..writers)
+            .map(|k| {
+                let w = w.clone();
+                tokio::spawn(async move {
+                    for i in 0..each {
+                        let n = k * each + i;
+                        w.write(move |c| {
+                            c.execute("INSERT INTO t VALUES (?1, zeroblob(2048))", [n])?;
+                            Ok(())
+                        })
+                        .await
+                        .unwrap();
+                    }
+                })
+            })
+            .collect();
+        while !loops.iter().all(|l| l.is_finished()) {
+            largest = largest.max(std::fs::metadata(&wal).map_or(0, |m| m.len()));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(count(&w).await, writers * each);
+        // 20,000 rows of 2 KB: a WAL that never started over would hold over 40 MB.
+        assert!(largest < 16 << 20, "the WAL grew to {largest} bytes");
     }
 
     #[tokio::test]

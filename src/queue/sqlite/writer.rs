@@ -103,7 +103,8 @@ where
     }
 }
 
-/// How long the writer thread waits for work before it checkpoints what was committed.
+/// How long the writer thread waits for work before it starts a checkpoint of what was
+/// committed.
 const CHECKPOINT_WHEN_IDLE: Duration = Duration::from_millis(100);
 /// Under steady load, start a checkpoint after this many commits (SQLite's own default is
 /// every 1,000 WAL pages; a commit here writes a handful).
@@ -153,7 +154,7 @@ impl Writer {
         let checkpoints = if read_only {
             None
         } else {
-            // The writer thread checkpoints (see the module comment).
+            // Checkpoints are ours to start (see the module comment and `checkpointer`).
             conn.execute_batch(&format!(
                 "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA foreign_keys = OFF; \
                  PRAGMA wal_autocheckpoint = 0;"
@@ -467,8 +468,10 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert_eq!(count(&w).await, writers * each);
-        // 20,000 rows of 2 KB: a WAL that never started over would hold over 40 MB.
-        assert!(largest < 16 << 20, "the WAL grew to {largest} bytes");
+        // A WAL that never starts over holds every commit's pages: ~400 MB here. One that
+        // does holds what was committed during a checkpoint; the bound leaves room for a
+        // slow disk's fsync.
+        assert!(largest < 64 << 20, "the WAL grew to {largest} bytes");
     }
 
     #[tokio::test]

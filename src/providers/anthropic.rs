@@ -560,7 +560,7 @@ mod tests {
             "usage": {"input_tokens": 472, "output_tokens": 89, "cache_read_input_tokens": 8},
         });
         let c = from_message(&answer).unwrap();
-        let mut b = c.body;
+        let mut b = c.body();
         b.as_object_mut().unwrap().remove("created");
         assert_eq!(
             b,

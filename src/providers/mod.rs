@@ -51,8 +51,26 @@ impl Usage {
 /// A finished chat completion in OpenAI shape (`object: "chat.completion"`).
 #[derive(Debug, Clone)]
 pub struct Completion {
-    pub body: Value,
+    /// Its JSON text, as stored and answered: an OpenAI-type upstream's own bytes, or the
+    /// translation of another's answer.
+    pub json: String,
     pub usage: Usage,
+}
+
+impl Completion {
+    /// A translated answer, serialized once here.
+    pub fn from_value(body: &Value, usage: Usage) -> Self {
+        Self {
+            json: body.to_string(),
+            usage,
+        }
+    }
+
+    /// The answer as a JSON tree (tests look into it).
+    #[cfg(test)]
+    pub fn body(&self) -> Value {
+        serde_json::from_str(&self.json).expect("a completion is JSON")
+    }
 }
 
 /// OpenAI `chat.completion.chunk` objects, in order.

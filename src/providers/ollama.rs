@@ -387,10 +387,10 @@ mod tests {
             "done": true, "done_reason": "stop", "total_duration": 5191566416u64, "load_duration": 2154458,
             "prompt_eval_count": 26, "prompt_eval_duration": 383809000, "eval_count": 298, "eval_duration": 4799921000u64,
         });
-        let mut c = from_answer(&answer, "chatcmpl-1").unwrap();
-        c.body.as_object_mut().unwrap().remove("created");
+        let mut body = from_answer(&answer, "chatcmpl-1").unwrap().body();
+        body.as_object_mut().unwrap().remove("created");
         assert_eq!(
-            c.body,
+            body,
             json!({"id": "chatcmpl-1", "object": "chat.completion", "model": "llama3.2",
                 "choices": [{"index": 0, "logprobs": null, "finish_reason": "stop",
                     "message": {"role": "assistant", "content": "Hello! How are you today?"}}],
@@ -401,9 +401,9 @@ mod tests {
             "message": {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_current_weather",
                 "arguments": {"format": "celsius", "location": "Paris, FR"}}}]},
         });
-        let c = from_answer(&tools, "chatcmpl-2").unwrap();
-        let msg = &c.body["choices"][0]["message"];
-        assert_eq!(c.body["choices"][0]["finish_reason"], "tool_calls");
+        let body = from_answer(&tools, "chatcmpl-2").unwrap().body();
+        let msg = &body["choices"][0]["message"];
+        assert_eq!(body["choices"][0]["finish_reason"], "tool_calls");
         assert_eq!(msg["content"], Value::Null);
         assert_eq!(msg["tool_calls"][0]["type"], "function");
         assert!(
@@ -422,7 +422,7 @@ mod tests {
         );
         let length = json!({"message": {"content": "abc"}, "done": true, "done_reason": "length"});
         assert_eq!(
-            from_answer(&length, "x").unwrap().body["choices"][0]["finish_reason"],
+            from_answer(&length, "x").unwrap().body()["choices"][0]["finish_reason"],
             "length"
         );
         assert!(matches!(

@@ -51,7 +51,7 @@ impl Provider for OpenAi {
 
     async fn complete(&self, body: &ChatBody) -> Result<Completion, ProviderError> {
         let request = self.request(body, false);
-        self.up.complete(&request, parse_completion).await
+        self.up.complete_bytes(&request, parse_completion).await
     }
 
     async fn stream(&self, body: &ChatBody) -> Result<ChunkStream, ProviderError> {
@@ -102,14 +102,31 @@ impl wire::Translate for Passthrough {
 }
 
 /// Reads a `chat.completion` body; anything without `choices` is not an answer.
-pub fn parse_completion(body: Value) -> Result<Completion, ProviderError> {
-    if !body.get("choices").is_some_and(Value::is_array) {
-        return Err(ProviderError::BadResponse(
-            "no `choices` in the answer".into(),
-        ));
+pub fn parse_completion(body: bytes::Bytes) -> Result<Completion, ProviderError> {
+    /// What is read of the answer: the rest is checked to be JSON and kept as it came,
+    /// without a JSON tree built and written out again.
+    #[derive(serde::Deserialize)]
+    struct Shape<'a> {
+        #[serde(borrow)]
+        choices: Option<&'a serde_json::value::RawValue>,
+        #[serde(borrow)]
+        usage: Option<&'a serde_json::value::RawValue>,
     }
-    let usage = Usage::from_openai(body.get("usage"));
-    Ok(Completion { body, usage })
+    let no_choices = || ProviderError::BadResponse("no `choices` in the answer".into());
+    let shape: Shape = serde_json::from_slice(&body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => no_choices(),
+        _ => wire::not_json(&e),
+    })?;
+    if !shape.choices.is_some_and(|c| c.get().starts_with('[')) {
+        return Err(no_choices());
+    }
+    let usage = shape
+        .usage
+        .and_then(|u| serde_json::from_str::<Value>(u.get()).ok());
+    let usage = Usage::from_openai(usage.as_ref());
+    let json = String::from_utf8(body.into())
+        .map_err(|e| ProviderError::BadResponse(format!("not UTF-8 ({e})")))?;
+    Ok(Completion { json, usage })
 }
 
 fn parse_chunk(data: &str) -> Result<Value, ProviderError> {
@@ -132,9 +149,13 @@ fn parse_chunk(data: &str) -> Result<Value, ProviderError> {
 mod tests {
     use super::*;
 
+    fn parse(text: &str) -> Result<Completion, ProviderError> {
+        parse_completion(bytes::Bytes::copy_from_slice(text.as_bytes()))
+    }
+
     #[test]
     fn completion_keeps_usage_and_rejects_garbage() {
-        let c = parse_completion(serde_json::json!({"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}))
+        let c = parse(r#"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#)
         .unwrap();
         assert_eq!(
             c.usage,
@@ -143,9 +164,24 @@ mod tests {
                 completion: Some(1)
             }
         );
-        assert!(matches!(
-            parse_completion(serde_json::json!({"ok": true})),
-            Err(ProviderError::BadResponse(_))
-        ));
+        let bad = |text: &str, why: &str| match parse(text) {
+            Err(ProviderError::BadResponse(m)) => assert!(m.contains(why), "{text}: {m}"),
+            other => panic!("{text}: {other:?}"),
+        };
+        bad(r#"{"ok": true}"#, "no `choices`");
+        bad(r#"{"choices": {"index": 0}}"#, "no `choices`");
+        bad(r#"[1, 2]"#, "no `choices`");
+        bad(r#"{"choices": [], "id": "#, "not JSON");
+        bad(r#"{"choices": []} trailing"#, "not JSON");
+    }
+
+    /// The answer is kept as the upstream wrote it: fields this gateway does not know,
+    /// their order and numbers beyond 64 bits all reach the client unchanged.
+    #[test]
+    fn completion_keeps_the_answer_as_it_came() {
+        let text = r#"{"id":"x", "choices":[{"index":0,"message":{"role":"assistant","content":"h\u00e9"}}],"zz_vendor":{"n":123456789012345678901234567890},"usage":{"prompt_tokens":"odd"}}"#;
+        let c = parse(text).unwrap();
+        assert_eq!(c.json, text);
+        assert_eq!(c.usage, Usage::default());
     }
 }

@@ -74,9 +74,20 @@ impl Upstream {
         body: &Value,
         parse: impl FnOnce(Value) -> Result<Completion, ProviderError>,
     ) -> Result<Completion, ProviderError> {
+        self.complete_bytes(body, |bytes| parse(json_answer(&bytes)?))
+            .await
+    }
+
+    /// One non-streaming call whose answer `parse` reads as the bytes the upstream sent
+    /// (for an answer kept as it came, without a JSON tree in between).
+    pub async fn complete_bytes(
+        &self,
+        body: &Value,
+        parse: impl FnOnce(bytes::Bytes) -> Result<Completion, ProviderError>,
+    ) -> Result<Completion, ProviderError> {
         let key = self.cfg.api_key();
         let req = self.request(body, key.as_deref());
-        let answer = call_json(req, self.timeout, key.as_deref()).await?;
+        let answer = call(req, self.timeout, key.as_deref()).await?;
         parse(answer).map_err(|e| e.redacted(key.as_deref()))
     }
 
@@ -126,23 +137,30 @@ async fn send(
 }
 
 /// One non-streaming call whose answer must be a JSON document.
-async fn call_json(
+/// A non-streaming call: the successful answer's body, read whole within `timeout`.
+async fn call(
     req: reqwest::RequestBuilder,
     timeout: Duration,
     key: Option<&str>,
-) -> Result<Value, ProviderError> {
+) -> Result<bytes::Bytes, ProviderError> {
     let call = async {
         let resp = send(req, timeout, key).await?;
-        let bytes = resp
-            .bytes()
+        resp.bytes()
             .await
-            .map_err(|e| transport_error(e, timeout, key))?;
-        serde_json::from_slice(&bytes)
-            .map_err(|e| ProviderError::BadResponse(format!("not JSON ({e})")))
+            .map_err(|e| transport_error(e, timeout, key))
     };
     tokio::time::timeout(timeout, call)
         .await
         .map_err(|_| ProviderError::Timeout(timeout))?
+}
+
+/// An answer's body as JSON.
+fn json_answer(bytes: &[u8]) -> Result<Value, ProviderError> {
+    serde_json::from_slice(bytes).map_err(|e| not_json(&e))
+}
+
+pub fn not_json(e: &serde_json::Error) -> ProviderError {
+    ProviderError::BadResponse(format!("not JSON ({e})"))
 }
 
 /// How a streamed answer is cut into events.
@@ -433,7 +451,7 @@ pub fn completion(
         "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish_reason}],
         "usage": usage_json(usage),
     });
-    Completion { body, usage }
+    Completion::from_value(&body, usage)
 }
 
 /// Makes the `chat.completion.chunk`s of one streamed answer. The first chunk carries

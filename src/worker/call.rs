@@ -44,7 +44,7 @@ async fn attempt(shared: Arc<Shared>, provider: Arc<dyn Provider>, leased: Lease
             tokio::select! {
                 r = provider.complete(&body) => Some(match r {
                     Ok(c) => Verdict::Done {
-                        result: serde_json::to_string(&c.body).unwrap_or_default(),
+                        result: c.json,
                         prompt: c.usage.prompt,
                         completion: c.usage.completion,
                     },

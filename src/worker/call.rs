@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::policy::{self, Decision};
-use super::{Shared, StreamEvent};
+use super::{RunningCall, Shared, StreamEvent};
 use crate::providers::assemble::Assembler;
 use crate::providers::{ChatBody, Provider, ProviderError};
 use crate::queue::{
@@ -27,8 +27,8 @@ pub async fn run(shared: Arc<Shared>, provider: Arc<dyn Provider>, leased: Lease
 async fn attempt(shared: Arc<Shared>, provider: Arc<dyn Provider>, leased: LeasedJob) {
     let LeasedJob { job, attempt_n } = leased;
     let token = shared.abort_calls.child_token();
-    // Registered for cancels, renewing the lease; both undone when the attempt ends,
-    // even by a panic.
+    // Registered for cancels and lease renewal; undone when the attempt ends, even by a
+    // panic.
     let guard = CallGuard::start(&shared, &job.id, attempt_n, token.clone());
     tracing::debug!(job_id = %job.id, provider = %job.provider, attempt = attempt_n, "calling upstream");
 
@@ -74,32 +74,27 @@ async fn attempt(shared: Arc<Shared>, provider: Arc<dyn Provider>, leased: Lease
     shared.signals.slot_freed(&provider.config().name);
 }
 
-/// The life of one attempt on this instance: its entry in `running` (so a cancel can stop
-/// the call) and the task that renews its lease. Dropping the guard ends both.
+/// The life of one attempt on this instance: its entry in `running`, so that a cancel can
+/// stop the call and the renewer keeps its lease alive. Dropping the guard ends both, even
+/// after a panic.
 struct CallGuard {
     shared: Arc<Shared>,
     job_id: String,
-    renewer: tokio::task::JoinHandle<()>,
 }
 
 impl CallGuard {
     fn start(shared: &Arc<Shared>, job_id: &str, attempt_n: i64, token: CancellationToken) -> Self {
-        {
-            let mut running = shared.running.lock().unwrap_or_else(|e| e.into_inner());
-            running.insert(job_id.to_string(), token.clone());
-        }
-        let renewer = spawn_renewer(shared, job_id, attempt_n, token);
+        let mut running = shared.running.lock().unwrap_or_else(|e| e.into_inner());
+        running.insert(job_id.to_string(), RunningCall { attempt_n, token });
         Self {
             shared: shared.clone(),
             job_id: job_id.to_string(),
-            renewer,
         }
     }
 }
 
 impl Drop for CallGuard {
     fn drop(&mut self) {
-        self.renewer.abort();
         let mut running = self
             .shared
             .running
@@ -124,42 +119,6 @@ enum Verdict {
         prompt: Option<i64>,
         completion: Option<i64>,
     },
-}
-
-/// Keeps the lease alive while the call runs; cancels the call when the job is no longer
-/// ours (cancelled by a user, or rescued by another instance after our lease expired).
-fn spawn_renewer(
-    shared: &Arc<Shared>,
-    job_id: &str,
-    attempt_n: i64,
-    token: CancellationToken,
-) -> tokio::task::JoinHandle<()> {
-    let shared = shared.clone();
-    let job_id = job_id.to_string();
-    let lease = shared.settings.lease;
-    let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(30_000);
-    let span = tracing::Span::current();
-    tokio::spawn(async move {
-        let every = (lease / 3).max(Duration::from_millis(500));
-        loop {
-            tokio::time::sleep(every).await;
-            match shared
-                .store
-                .renew_lease(&job_id, &shared.settings.instance_id, attempt_n, lease_ms)
-                .await
-            {
-                Ok(true) => {}
-                Ok(false) => {
-                    tracing::info!(job_id = %job_id, "job is no longer ours (cancelled or rescued): stopping the call");
-                    token.cancel();
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!(job_id = %job_id, error = %e, "lease renewal failed; will retry")
-                }
-            }
-        }
-    }.instrument(span))
 }
 
 async fn stream_call(

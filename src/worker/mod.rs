@@ -8,6 +8,7 @@ mod call;
 mod direct;
 pub mod policy;
 mod pool;
+mod renewer;
 mod reroute;
 mod rescuer;
 pub mod streams;
@@ -24,6 +25,7 @@ use crate::providers::Providers;
 use crate::queue::{ProviderState, QueueStore, Signals};
 use crate::telemetry::Telemetry;
 pub use direct::insert_and_start;
+pub use renewer::RunningCall;
 pub use rescuer::refresh;
 pub use streams::{StreamEvent, StreamHub};
 
@@ -37,8 +39,9 @@ pub struct Shared {
     pub telemetry: Arc<Telemetry>,
     pub streams: Arc<StreamHub>,
     pub availability: Arc<Availability>,
-    /// In-flight calls of this instance, so a cancel can stop one at once.
-    pub running: Mutex<HashMap<String, CancellationToken>>,
+    /// In-flight calls of this instance, so a cancel can stop one at once and their
+    /// leases are renewed.
+    pub running: Mutex<HashMap<String, RunningCall>>,
     /// Stops leasing; running calls get the grace period.
     pub stop_leasing: CancellationToken,
     /// Aborts running calls (after the grace period).
@@ -66,8 +69,8 @@ impl Shared {
     /// Stops the in-flight call of a job on this instance, if there is one.
     pub fn abort_call(&self, job_id: &str) {
         let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(token) = running.get(job_id) {
-            token.cancel();
+        if let Some(call) = running.get(job_id) {
+            call.token.cancel();
         }
     }
 
@@ -117,8 +120,12 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// Starts one pool per provider, the rescuer and the state refresher.
+    /// Starts one pool per provider, the rescuer, the state refresher and the renewer of
+    /// leases.
     pub fn start(shared: Arc<Shared>) -> Self {
+        // Not tracked: it renews the leases of calls still running while the tracker
+        // drains, and ends when the instance is gone.
+        tokio::spawn(renewer::run(Arc::downgrade(&shared)));
         for name in shared.providers.keys() {
             let shared2 = shared.clone();
             let name = name.clone();

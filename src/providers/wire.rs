@@ -136,7 +136,6 @@ async fn send(
         .map_err(|_| ProviderError::Timeout(timeout))?
 }
 
-/// One non-streaming call whose answer must be a JSON document.
 /// A non-streaming call: the successful answer's body, read whole within `timeout`.
 async fn call(
     req: reqwest::RequestBuilder,
@@ -159,6 +158,7 @@ fn json_answer(bytes: &[u8]) -> Result<Value, ProviderError> {
     serde_json::from_slice(bytes).map_err(|e| not_json(&e))
 }
 
+/// What an answer that does not parse as JSON is.
 pub fn not_json(e: &serde_json::Error) -> ProviderError {
     ProviderError::BadResponse(format!("not JSON ({e})"))
 }

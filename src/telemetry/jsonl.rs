@@ -442,3 +442,65 @@ fn append_all(dir: &Path, lines: &[PendingLine]) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::JobError;
+
+    fn finished_job() -> Job {
+        Job {
+            id: "job_1".into(),
+            task: "summarize".into(),
+            status: JobStatus::Failed,
+            priority: 0,
+            chain: vec!["a".into(), "b".into()],
+            hop: 1,
+            hops: 1,
+            provider: "b".into(),
+            request: "{}".into(),
+            stream: false,
+            caller: None,
+            idempotency_key: None,
+            pinned_instance: None,
+            run_at: 0,
+            deadline_at: 0,
+            lease_owner: None,
+            lease_expires_at: None,
+            hop_tries: 1,
+            attempt_count: 3,
+            created_at: 1_764_288_000_000,
+            started_at: Some(1_764_288_000_040),
+            finished_at: Some(1_764_288_001_250),
+            status_code: Some(502),
+            result: None,
+            error: Some(JobError {
+                status: 502,
+                kind: "provider_server_error".into(),
+                message: "upstream said \"no\"".into(),
+                code: None,
+                retry_after: None,
+            }),
+            usage_prompt: Some(12),
+            usage_completion: None,
+            batch_id: Some("batch_9".into()),
+            custom_id: None,
+            finished_by: Some("orch-1".into()),
+        }
+    }
+
+    /// The text of a line, byte for byte: live lines and `metrics export` are compared
+    /// with what earlier versions wrote, so field order and escaping must not drift.
+    #[test]
+    fn a_line_is_written_as_it_always_was() {
+        let job = finished_job();
+        assert_eq!(
+            line(&job, Some("gpt-x")).to_string(),
+            r#"{"batch_id":"batch_9","error":"upstream said \"no\"","hops":1,"instance":"orch-1","latency_ms":1250,"model":"gpt-x","ok":false,"provider":"b","queue_ms":40,"req_id":"job_1","retries":2,"status":502,"task":"summarize","ts":"2025-11-28T00:00:01.250Z","usage_completion":null,"usage_prompt":12}"#
+        );
+        assert_eq!(
+            file_name(job.finished_at.unwrap()),
+            "requests-20251128.jsonl"
+        );
+    }
+}

@@ -250,6 +250,44 @@ async fn a_call_longer_than_the_lease_keeps_its_lease_and_runs_once() {
 }
 
 #[tokio::test]
+async fn a_call_whose_job_is_no_longer_ours_is_stopped_by_the_lease_renewal() {
+    let fake = FakeOpenAi::start().await;
+    fake.script([Reply::Hang]);
+    let app = spawn_app(Options::new(
+        openai_provider("up", &fake.base_url(), ""),
+        router_yaml(&["up"], ""),
+    ))
+    .await;
+    let resp = app
+        .chat_with(user("hangs"), &[("x-orch-async", "true")])
+        .await;
+    assert_eq!(resp.status(), 202);
+    let id = req_id(&resp);
+    let started = Instant::now();
+    while fake.in_flight() == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the call never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Cancelled behind this instance's back (as another instance's cancel would be,
+    // without news reaching this one): only the renewal of the lease can notice.
+    let cancelled = app.shared.store.cancel_job(&id).await.unwrap();
+    assert!(cancelled.is_some());
+    // The harness's lease is 3 s, renewed every second.
+    let asked = Instant::now();
+    while fake.in_flight() > 0 {
+        assert!(
+            asked.elapsed() < Duration::from_secs(5),
+            "the call of a cancelled job kept running"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(app.job(&id).await["status"], "cancelled");
+}
+
+#[tokio::test]
 async fn metrics_export_reads_the_sqlite_file_while_the_gateway_serves() {
     let fake = FakeOpenAi::start().await;
     let (dir, env) = solo_env(&fake);

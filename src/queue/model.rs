@@ -141,6 +141,45 @@ pub struct Job {
     pub finished_by: Option<String>,
 }
 
+#[cfg(test)]
+impl Job {
+    /// A job running at `hop` of `chain`, for unit tests (adjust it with `..`).
+    pub fn running_for_test(chain: &[&str], hop: usize, hop_tries: i64) -> Self {
+        Self {
+            id: "j".into(),
+            task: "PLAN".into(),
+            status: JobStatus::Running,
+            priority: 0,
+            chain: chain.iter().map(|s| s.to_string()).collect(),
+            hop,
+            provider: chain[hop].to_string(),
+            request: "{}".into(),
+            stream: false,
+            caller: None,
+            idempotency_key: None,
+            pinned_instance: None,
+            run_at: 0,
+            deadline_at: 100_000,
+            lease_owner: Some("me".into()),
+            lease_expires_at: Some(30_000),
+            hop_tries,
+            attempt_count: hop_tries,
+            created_at: 0,
+            started_at: Some(0),
+            finished_at: None,
+            status_code: None,
+            result: None,
+            error: None,
+            usage_prompt: None,
+            usage_completion: None,
+            batch_id: None,
+            custom_id: None,
+            finished_by: None,
+            hops: 0,
+        }
+    }
+}
+
 /// The answer to an insert.
 #[derive(Debug, Clone)]
 pub enum Inserted {

@@ -51,7 +51,7 @@ pub async fn export(
                     )
                 }
             };
-            writeln!(file, "{}", jsonl::line(job, model.as_deref()))
+            writeln!(file, "{}", jsonl::line(job, model.as_deref()).text())
                 .map_err(|e| ExportError::Io(e.to_string()))?;
             lines += 1;
         }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use super::Shared;
 
 /// Renews every third of the lease, and at least every half second.
-pub fn every(lease: Duration) -> Duration {
+fn every(lease: Duration) -> Duration {
     (lease / 3).max(Duration::from_millis(500))
 }
 

@@ -159,15 +159,18 @@ pub fn http_client(cfg: &ProviderConfig) -> reqwest::Client {
         .unwrap_or_else(|_| reqwest::Client::new())
 }
 
-/// Parses `Retry-After`: delay seconds or an HTTP date.
+/// Parses `Retry-After`: delay seconds or an HTTP date. A delay of zero (`0`, or a date
+/// that is not in the future) is no cool-down at all: taken as it is, every retry would
+/// meet the same 429 at once and the job would call the upstream in a tight loop until its
+/// deadline. It counts as no usable value, so the configured cool-down applies.
 pub fn parse_retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
     let v = value.trim();
     if let Ok(secs) = v.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+        return (secs.is_finite() && secs > 0.0).then(|| Duration::from_secs_f64(secs));
     }
     let when = chrono::DateTime::parse_from_rfc2822(v).ok()?;
     let delta = when.with_timezone(&chrono::Utc) - now;
-    Some(delta.to_std().unwrap_or(Duration::ZERO))
+    delta.to_std().ok().filter(|d| !d.is_zero())
 }
 
 /// Turns a failed HTTP answer into a `ProviderError`, keeping the upstream's message.
@@ -286,11 +289,21 @@ mod tests {
             Some(Duration::from_secs(30))
         );
         assert_eq!(
-            parse_retry_after("Wed, 21 Oct 2015 07:27:00 GMT", now),
-            Some(Duration::ZERO)
+            parse_retry_after("0.5", now),
+            Some(Duration::from_millis(500))
         );
         assert_eq!(parse_retry_after("soon", now), None);
         assert_eq!(parse_retry_after("-3", now), None);
+        // No cool-down at all is no usable value (the configured one applies).
+        assert_eq!(parse_retry_after("0", now), None);
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:27:00 GMT", now),
+            None
+        );
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now),
+            None
+        );
     }
 
     #[test]

@@ -244,6 +244,38 @@ async fn a_429_without_retry_after_uses_the_configured_cool_down() {
     assert!(calls[1].at - calls[0].at >= Duration::from_millis(950));
 }
 
+/// A `Retry-After` of no time at all (`0`, a date already past) is no usable value: taken
+/// as it is, the job called the upstream in a tight loop until its deadline.
+#[tokio::test]
+async fn a_429_whose_retry_after_is_zero_or_past_uses_the_configured_cool_down() {
+    let past = (chrono::Utc::now() - chrono::Duration::seconds(100))
+        .format("%a, %d %b %Y %H:%M:%S GMT")
+        .to_string();
+    for retry_after in ["0", past.as_str()] {
+        let fake = FakeOpenAi::start().await;
+        let app = spawn_app(
+            Options::new(
+                openai_provider("solo", &fake.base_url(), ""),
+                router_yaml(&["solo"], ""),
+            )
+            .env("ORCH_RETRY_AFTER_SECONDS", "1"),
+        )
+        .await;
+        fake.script([
+            Reply::rate_limited(retry_after),
+            Reply::rate_limited(retry_after),
+        ]);
+        let resp = app.chat(user("no time at all")).await;
+        assert_eq!(resp.status(), 200, "Retry-After: {retry_after}");
+        let calls = fake.calls();
+        assert_eq!(calls.len(), 3, "Retry-After: {retry_after}");
+        for pair in calls.windows(2) {
+            let gap = pair[1].at - pair[0].at;
+            assert!(gap >= Duration::from_millis(950), "{retry_after}: {gap:?}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn garbage_bodies_are_retried() {
     let (a, _b, app) = two("max_retries = 2", "", &[]).await;

@@ -15,7 +15,7 @@ use futures::Stream;
 use serde_json::Value;
 
 use super::error::ApiError;
-use super::{AppState, Caller, render, validate};
+use super::{AppState, Caller, render, replay, validate};
 use crate::queue::{Inserted, Job, JobStatus, NewJob, PRIORITY_INTERACTIVE};
 use crate::telemetry::WaitTally;
 use crate::worker::StreamEvent;
@@ -145,7 +145,7 @@ async fn accept(
     };
 
     // Register before inserting so that no finish can slip between insert and wait.
-    let mut watch = shared.signals.watch_job(&id);
+    let watch = shared.signals.watch_job(&id);
     // Count upstream time from the start, for the overhead of a request that waits.
     let tally = (!stream && !run_async).then(|| shared.telemetry.track_wait(&id));
     let stream_rx = stream.then(|| shared.streams.open(&id));
@@ -159,24 +159,35 @@ async fn accept(
             shared.streams.close(&id);
             drop(watch);
             tracing::debug!(job_id = %existing.id, "idempotent repeat");
-            if existing.status.is_terminal() || run_async {
-                return Ok(answer_existing(&existing, run_async));
+            if run_async {
+                return accepted(app, &existing).await;
             }
-            watch = shared.signals.watch_job(&existing.id);
-            // It may have finished between the insert and the watch.
-            if let Some(job) = shared
-                .store
-                .get_job(&existing.id)
-                .await?
-                .filter(|j| j.status.is_terminal())
-            {
-                return Ok(render::finished(&job));
-            }
-            if stream {
-                // The stream belongs to the first request's connection; this one waits for the whole answer.
-                return wait_for(app, watch, existing.id.clone(), received, None).await;
-            }
-            existing.id.clone()
+            let job = if existing.status.is_terminal() {
+                Arc::new(*existing)
+            } else {
+                let watch = shared.signals.watch_job(&existing.id);
+                // It may have finished between the insert and the watch.
+                match shared
+                    .store
+                    .get_job(&existing.id)
+                    .await?
+                    .filter(|j| j.status.is_terminal())
+                {
+                    Some(job) => Arc::new(job),
+                    None => wait_for_job(app, watch, existing.id.clone(), received, None).await?,
+                }
+            };
+            // The first request's stream went to its own connection: a repeat that asked
+            // for a stream gets the finished answer as one.
+            return Ok(match (stream, job.status, job.result.as_deref()) {
+                (true, JobStatus::Succeeded, Some(result)) => {
+                    match serde_json::from_str::<Value>(result) {
+                        Ok(completion) => replay::stream(&job, &completion, include_usage(&req)),
+                        Err(_) => render::finished(&job),
+                    }
+                }
+                _ => render::finished(&job),
+            });
         }
         Err(e) => {
             shared.streams.close(&id);
@@ -185,26 +196,12 @@ async fn accept(
     };
 
     if run_async {
-        let job = accepted_view(&new);
-        let mut resp = (
-            StatusCode::ACCEPTED,
-            render::job_headers(&job),
-            axum::Json(render::job_object(&job, &[])),
-        )
-            .into_response();
-        if let Ok(loc) = HeaderValue::from_str(&format!("/v1/jobs/{job_id}")) {
-            resp.headers_mut().insert(header::LOCATION, loc);
-        }
-        return Ok(resp);
+        return Ok(accepted_response(&accepted_view(&new), &[]));
     }
     if let Some(rx) = stream_rx {
-        let include_usage = req
-            .get("stream_options")
-            .and_then(|o| o.get("include_usage"))
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
         let sticky = sticky_key.map(|k| (route.name.clone(), k.to_string()));
-        return Ok(open_stream(app, job_id, rx, watch, include_usage, sticky, &new).await);
+        let usage = include_usage(&req);
+        return Ok(open_stream(app, job_id, rx, watch, usage, sticky, &new).await);
     }
     let resp = wait_for(app, watch, job_id, received, tally.as_ref()).await?;
     if let Some(p) = resp
@@ -218,21 +215,33 @@ async fn accept(
     Ok(resp)
 }
 
-/// A repeat of an idempotent request: the first job's answer (or its state, for async).
-fn answer_existing(job: &Job, run_async: bool) -> Response {
-    if run_async || !job.status.is_terminal() {
-        let mut resp = (
-            StatusCode::ACCEPTED,
-            render::job_headers(job),
-            axum::Json(render::job_object(job, &[])),
-        )
-            .into_response();
-        if let Ok(loc) = HeaderValue::from_str(&format!("/v1/jobs/{}", job.id)) {
-            resp.headers_mut().insert(header::LOCATION, loc);
-        }
-        return resp;
+/// Whether a streaming client asked for the usage chunk.
+fn include_usage(req: &serde_json::Map<String, Value>) -> bool {
+    req.get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
+}
+
+/// The `202` of an async request whose idempotency key names an earlier job: that job as
+/// `GET /v1/jobs/{id}` shows it, attempts included.
+async fn accepted(app: &AppState, job: &Job) -> Result<Response, ApiError> {
+    let attempts = app.shared.store.get_attempts(&job.id).await?;
+    Ok(accepted_response(job, &attempts))
+}
+
+/// `202 Accepted` with the job object and its `Location`.
+fn accepted_response(job: &Job, attempts: &[crate::queue::Attempt]) -> Response {
+    let mut resp = (
+        StatusCode::ACCEPTED,
+        render::job_headers(job),
+        axum::Json(render::job_object(job, attempts)),
+    )
+        .into_response();
+    if let Ok(loc) = HeaderValue::from_str(&format!("/v1/jobs/{}", job.id)) {
+        resp.headers_mut().insert(header::LOCATION, loc);
     }
-    render::finished(job)
+    resp
 }
 
 /// The job as it was inserted, for the 202 answer (no read back).
@@ -271,14 +280,26 @@ fn accepted_view(new: &NewJob) -> Job {
     }
 }
 
-/// Waits for a job to finish, up to the request timeout.
+/// Waits for a job to finish, up to the request timeout, and answers with it.
 async fn wait_for(
+    app: &AppState,
+    watch: crate::queue::signals::JobWatch,
+    job_id: String,
+    received: Instant,
+    tally: Option<&WaitTally>,
+) -> Result<Response, ApiError> {
+    let job = wait_for_job(app, watch, job_id, received, tally).await?;
+    Ok(render::finished(&job))
+}
+
+/// Waits for a job to finish, up to the request timeout.
+async fn wait_for_job(
     app: &AppState,
     mut watch: crate::queue::signals::JobWatch,
     job_id: String,
     received: Instant,
     tally: Option<&WaitTally>,
-) -> Result<Response, ApiError> {
+) -> Result<Arc<Job>, ApiError> {
     let shared = &app.shared;
     let timeout = shared.settings.request_timeout;
     loop {
@@ -302,27 +323,26 @@ async fn wait_for(
                 )).with_job(&job_id));
             }
         };
-        if let Some(Some(job)) = signalled {
+        let finished = match signalled {
+            Some(Some(job)) => Some(job),
+            // A signal from another instance, or the safety poll: read the row.
+            _ => match shared.store.get_job(&job_id).await {
+                Ok(Some(job)) if job.status.is_terminal() => Some(Arc::new(job)),
+                Ok(Some(_)) => None,
+                Ok(None) => return Err(ApiError::not_found(format!("job {job_id} disappeared"))),
+                // The job is durable and will complete once the database is back (a
+                // Postgres restart): keep waiting within the deadline instead of failing.
+                Err(e) => {
+                    tracing::warn!(job_id = %job_id, error = %e, "cannot read the job yet; still waiting");
+                    None
+                }
+            },
+        };
+        if let Some(job) = finished {
             if let Some(t) = tally {
                 t.observe(&job, received.elapsed());
             }
-            return Ok(render::finished(&job));
-        }
-        // A signal from another instance, or the safety poll: read the row.
-        match shared.store.get_job(&job_id).await {
-            Ok(Some(job)) if job.status.is_terminal() => {
-                if let Some(t) = tally {
-                    t.observe(&job, received.elapsed());
-                }
-                return Ok(render::finished(&job));
-            }
-            Ok(Some(_)) => {}
-            Ok(None) => return Err(ApiError::not_found(format!("job {job_id} disappeared"))),
-            // The job is durable and will complete once the database is back (a Postgres
-            // restart): keep waiting within the deadline instead of failing the request.
-            Err(e) => {
-                tracing::warn!(job_id = %job_id, error = %e, "cannot read the job yet; still waiting")
-            }
+            return Ok(job);
         }
         watch.rearm();
     }

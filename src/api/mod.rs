@@ -11,6 +11,7 @@ mod files;
 mod health;
 mod jobs;
 mod render;
+mod replay;
 pub mod validate;
 
 use std::sync::Arc;

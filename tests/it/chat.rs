@@ -93,6 +93,29 @@ async fn idempotency_key_returns_the_same_job_without_a_second_call() {
     assert_eq!(fake.call_count(), 2);
 }
 
+/// An async repeat of a finished request gets the job as `GET /v1/jobs/{id}` shows it.
+#[tokio::test]
+async fn an_async_repeat_shows_the_job_with_its_attempts() {
+    let (fake, app) = one_fake().await;
+    let key = ("idempotency-key", "async-1");
+    let first = app.chat_with(user("once"), &[key]).await;
+    assert_eq!(first.status(), 200);
+    let id = req_id(&first);
+    let again = app
+        .chat_with(user("once"), &[key, ("x-orch-async", "true")])
+        .await;
+    assert_eq!(again.status(), 202);
+    assert_eq!(
+        again.headers()["location"].to_str().unwrap(),
+        format!("/v1/jobs/{id}")
+    );
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(again, app.job(&id).await);
+    assert_eq!(again["status"], "succeeded");
+    assert_eq!(again["attempts"].as_array().unwrap().len(), 1);
+    assert_eq!(fake.call_count(), 1);
+}
+
 #[tokio::test]
 async fn cancel_a_queued_job() {
     let fake = FakeOpenAi::start().await;

@@ -84,6 +84,47 @@ async fn streams_have_one_shape_for_every_provider() {
     assert_eq!(f.ollama.calls()[0].body["stream"], true);
 }
 
+/// A repeat of a streaming request with the same `Idempotency-Key` gets the first answer
+/// as a stream too: an SDK reading a stream finds nothing in a JSON body.
+#[tokio::test]
+async fn a_repeated_stream_gets_the_first_answer_as_a_stream() {
+    let f = Fleet::start().await;
+    let h = [("x-orch-task-kind", "OA"), ("idempotency-key", "stream-1")];
+    let first = f.app.chat_with(streamed("say it twice", true), &h).await;
+    let id = req_id(&first);
+    let first = Sse::read(first).await;
+    assert!(first.ends_with_done());
+    for include_usage in [true, false] {
+        let again = f
+            .app
+            .chat_with(streamed("say it twice", include_usage), &h)
+            .await;
+        assert_eq!(again.status(), 200);
+        assert_eq!(again.headers()["content-type"], "text/event-stream");
+        assert_eq!(req_id(&again), id);
+        assert_eq!(again.headers()["x-orch-provider"], "oa");
+        let sse = Sse::read(again).await;
+        assert!(sse.ends_with_done(), "{:?}", sse.data);
+        assert_eq!(sse.text(), first.text());
+        let chunks = sse.json();
+        assert!(
+            chunks
+                .iter()
+                .all(|c| c["object"] == "chat.completion.chunk")
+        );
+        assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+        let finish: Vec<&Value> = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["finish_reason"].as_str().map(|_| c))
+            .collect();
+        assert_eq!(finish.len(), 1);
+        assert_eq!(finish[0]["choices"][0]["finish_reason"], "stop");
+        let usage = chunks.iter().filter(|c| c.get("usage").is_some()).count();
+        assert_eq!(usage, usize::from(include_usage), "{:?}", sse.data);
+    }
+    assert_eq!(f.openai.call_count(), 1);
+}
+
 #[tokio::test]
 async fn usage_is_recorded_even_when_the_client_did_not_ask_for_it() {
     let f = Fleet::start().await;

@@ -1,12 +1,12 @@
-//! `/healthz`, `/metrics`, `/v1/models` and the fallback 404.
+//! `/healthz`, `/metrics`, `/v1/models` (and one model) and the fallback 404.
 
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde_json::{Value, json};
 
 use super::AppState;
 use super::error::ApiError;
@@ -59,6 +59,24 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
 }
 
 pub async fn models(State(app): State<AppState>) -> Response {
+    Json(json!({"object": "list", "data": model_objects(&app)})).into_response()
+}
+
+/// `GET /v1/models/{id}` (the SDKs' `models.retrieve`): one route or provider.
+pub async fn model(State(app): State<AppState>, Path(id): Path<String>) -> Response {
+    match model_objects(&app)
+        .into_iter()
+        .find(|m| m["id"] == id.as_str())
+    {
+        Some(m) => Json(m).into_response(),
+        None => {
+            ApiError::not_found(format!("no model (route or provider) named {id}")).into_response()
+        }
+    }
+}
+
+/// Every route name and every provider name as an OpenAI model object.
+fn model_objects(app: &AppState) -> Vec<Value> {
     let created = app.config_loaded_at.timestamp();
     let routes = app
         .router
@@ -71,11 +89,10 @@ pub async fn models(State(app): State<AppState>) -> Response {
         .providers
         .keys()
         .map(|p| (p, "llm-orch:provider"));
-    let data: Vec<_> = routes
+    routes
         .chain(providers)
         .map(|(id, owner)| json!({"id": id, "object": "model", "created": created, "owned_by": owner}))
-        .collect();
-    Json(json!({"object": "list", "data": data})).into_response()
+        .collect()
 }
 
 pub async fn not_found() -> Response {

@@ -63,6 +63,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/batches/{id}", get(batches::get))
         .route("/v1/batches/{id}/cancel", post(batches::cancel))
         .route("/v1/models", get(health::models))
+        .route("/v1/models/{id}", get(health::model))
         .route("/metrics", get(health::metrics))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -158,6 +158,22 @@ async fn models_and_healthz() {
         .collect();
     assert!(ids.contains(&"DEFAULT") && ids.contains(&"up"), "{ids:?}");
     assert_eq!(models["data"][0]["object"], "model");
+    // One model, as the SDKs' models.retrieve asks for it.
+    for id in ["DEFAULT", "up"] {
+        let one = app.get(&format!("/v1/models/{id}")).await;
+        assert_eq!(one.status(), 200);
+        let one: Value = one.json().await.unwrap();
+        let listed = models["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == id);
+        assert_eq!(Some(&one), listed);
+    }
+    let missing = app.get("/v1/models/nope").await;
+    assert_eq!(missing.status(), 404);
+    let missing: Value = missing.json().await.unwrap();
+    assert_eq!(missing["error"]["type"], "not_found_error");
     let health = app.get("/healthz").await;
     assert_eq!(health.status(), 200);
     let health: Value = health.json().await.unwrap();

@@ -69,6 +69,17 @@ pub fn chat_request(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
     )?;
     expect("stream", Value::is_boolean, "a boolean")?;
     expect("stream_options", Value::is_object, "an object")?;
+    if let Some(v) = body
+        .get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        .filter(|v| !v.is_null() && !v.is_boolean())
+    {
+        let field = "stream_options.include_usage";
+        return Err(ApiError::invalid(
+            format!("`{field}` must be a boolean, got {}", kind_of(v)),
+            Some(field),
+        ));
+    }
     expect(
         "stop",
         |v| v.is_string() || v.as_array().is_some_and(|a| a.iter().all(Value::is_string)),
@@ -199,14 +210,16 @@ pub fn apply_defaults(body: &mut Map<String, Value>, d: &Defaults) {
     }
 }
 
-fn kind_of(v: &Value) -> &'static str {
+/// What a wrong value is, for the error: a number or boolean itself (a value out of its
+/// range is a number of the right kind), else its kind.
+fn kind_of(v: &Value) -> String {
     match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
+        Value::Null => "null".into(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => n.to_string(),
+        Value::String(_) => "a string".into(),
+        Value::Array(_) => "an array".into(),
+        Value::Object(_) => "an object".into(),
     }
 }
 
@@ -284,6 +297,37 @@ mod tests {
                 .as_deref(),
             Some("tools[0]")
         );
+    }
+
+    #[test]
+    fn a_value_out_of_range_is_shown() {
+        let m = r#"[{"role":"user","content":"hi"}]"#;
+        let e = err(&format!(r#"{{"messages":{m},"temperature":3}}"#));
+        assert_eq!(
+            e.message,
+            "`temperature` must be a number between 0 and 2, got 3"
+        );
+        let e = err(&format!(r#"{{"messages":{m},"max_tokens":0}}"#));
+        assert_eq!(e.message, "`max_tokens` must be a positive integer, got 0");
+        let e = err(&format!(r#"{{"messages":{m},"stream":"yes"}}"#));
+        assert_eq!(e.message, "`stream` must be a boolean, got a string");
+    }
+
+    #[test]
+    fn include_usage_must_be_a_boolean() {
+        let m = r#"[{"role":"user","content":"hi"}]"#;
+        let e = err(&format!(
+            r#"{{"messages":{m},"stream":true,"stream_options":{{"include_usage":"x"}}}}"#
+        ));
+        assert_eq!(e.param.as_deref(), Some("stream_options.include_usage"));
+        assert!(e.message.contains("must be a boolean"), "{}", e.message);
+        chat_request(
+            format!(
+                r#"{{"messages":{m},"stream":true,"stream_options":{{"include_usage":true}}}}"#
+            )
+            .as_bytes(),
+        )
+        .unwrap();
     }
 
     #[test]

@@ -288,8 +288,16 @@ async fn wait_for(
     received: Instant,
     tally: Option<&WaitTally>,
 ) -> Result<Response, ApiError> {
-    let job = wait_for_job(app, watch, job_id, received, tally).await?;
-    Ok(render::finished(&job))
+    match wait_for_job(app, watch, job_id.clone(), received, tally).await {
+        Ok(job) => Ok(render::finished(&job)),
+        Err(e) if e.status == StatusCode::GATEWAY_TIMEOUT => {
+            // The job goes on: say where it stands (its provider, its hops so far).
+            let job = app.shared.store.get_job(&job_id).await.ok().flatten();
+            let headers = job.as_ref().map(render::job_headers).unwrap_or_default();
+            Ok((headers, e).into_response())
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Waits for a job to finish, up to the request timeout.

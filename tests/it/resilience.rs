@@ -341,6 +341,8 @@ async fn the_wait_running_out_is_a_504_with_the_job_id_and_the_job_goes_on() {
     let resp = app.chat(user("slow")).await;
     assert_eq!(resp.status(), 504);
     let header_id = req_id(&resp);
+    assert_eq!(resp.headers()["x-orch-provider"], "solo");
+    assert_eq!(resp.headers()["x-orch-fallback-attempts"], "0");
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["type"], "timeout");
     let id = body["error"]["job_id"].as_str().unwrap();

@@ -82,10 +82,14 @@ impl CorsPolicy {
     /// configured headers, and every requested header of an allowed family.
     fn allow_headers(&self, requested: Option<&str>) -> String {
         let mut names: Vec<String> = ALLOWED.iter().map(|s| s.to_string()).collect();
-        names.extend(self.extra_headers.iter().cloned());
-        for h in requested.unwrap_or("").split(',') {
-            let h = h.trim().to_ascii_lowercase();
-            if !h.is_empty() && self.header_allowed(&h) && !names.contains(&h) {
+        let requested = requested
+            .unwrap_or("")
+            .split(',')
+            .map(|h| h.trim().to_ascii_lowercase())
+            .filter(|h| !h.is_empty() && self.header_allowed(h));
+        // The configured key header is often one of the fixed list (`x-api-key`).
+        for h in self.extra_headers.iter().cloned().chain(requested) {
+            if !names.contains(&h) {
                 names.push(h);
             }
         }
@@ -148,16 +152,18 @@ pub async fn handle(State(policy): State<Arc<CorsPolicy>>, req: Request, next: N
         return (StatusCode::NO_CONTENT, h).into_response();
     }
     let mut resp = next.run(req).await;
+    let h = resp.headers_mut();
     if allowed {
-        let h = resp.headers_mut();
         h.insert(
             header::ACCESS_CONTROL_ALLOW_ORIGIN,
             policy.allow_origin(&origin),
         );
         h.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, policy.expose.clone());
-        if !policy.any {
-            h.append(header::VARY, HeaderValue::from_static("origin"));
-        }
+    }
+    // Allowed or not, the answer depends on the origin (a cache must not serve one
+    // origin's answer to another).
+    if !policy.any {
+        h.append(header::VARY, HeaderValue::from_static("origin"));
     }
     resp
 }
@@ -177,5 +183,10 @@ mod tests {
         assert!(h.contains("x-custom-key"), "{h}");
         assert!(h.contains("x-task"), "{h}");
         assert!(!h.contains("x-evil"), "{h}");
+        // The key header named twice (fixed list and configured) is listed once.
+        let p = CorsPolicy::new(&["https://app.example".into()], &["x-api-key"]);
+        let h = p.allow_headers(Some("x-api-key, x-orch-async"));
+        assert_eq!(h.matches("x-api-key").count(), 1, "{h}");
+        assert_eq!(h.matches("x-orch-async").count(), 1, "{h}");
     }
 }

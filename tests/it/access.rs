@@ -287,6 +287,15 @@ async fn cors_preflight_both_ways() {
         .unwrap();
     assert_eq!(r.status(), 200, "CORS is the browser's check, not auth");
     assert!(no_cors(r.headers()), "{:?}", r.headers());
+    // The answer still depends on the origin: a shared cache must not reuse it for another.
+    assert!(
+        r.headers()
+            .get_all("vary")
+            .iter()
+            .any(|v| v.to_str().unwrap().contains("origin")),
+        "{:?}",
+        r.headers()
+    );
 }
 
 #[tokio::test]

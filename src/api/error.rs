@@ -119,7 +119,7 @@ impl From<&JobError> for ApiError {
             kind: e.kind.clone(),
             message: e.message.clone(),
             code: e.code.clone(),
-            param: None,
+            param: e.param.clone(),
             retry_after: e.retry_after,
             job_id: None,
         }

@@ -329,6 +329,8 @@ fn stream_error(v: &Value) -> ProviderError {
         status,
         message: message.to_string(),
         retry_after: None,
+        code: None,
+        param: None,
     }
 }
 
@@ -724,7 +726,9 @@ mod tests {
             vec![Err(ProviderError::Status {
                 status: 529,
                 message: "Overloaded".into(),
-                retry_after: None
+                retry_after: None,
+                code: None,
+                param: None,
             })],
             "nothing reached the client before the error, so it can still be retried"
         );

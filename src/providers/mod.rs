@@ -85,6 +85,10 @@ pub enum ProviderError {
         status: u16,
         message: String,
         retry_after: Option<Duration>,
+        /// The upstream's own `error.code` and `error.param` (OpenAI dialect), passed on
+        /// with an error returned to the caller as it is.
+        code: Option<String>,
+        param: Option<String>,
     },
     #[error("upstream call timed out after {0:?}")]
     Timeout(Duration),
@@ -106,10 +110,14 @@ impl ProviderError {
                 status,
                 message,
                 retry_after,
+                code,
+                param,
             } => Self::Status {
                 status,
                 message: redact(&message, secret),
                 retry_after,
+                code: code.map(|c| redact(&c, secret)),
+                param: param.map(|p| redact(&p, secret)),
             },
             Self::Network(m) => Self::Network(redact(&m, secret)),
             Self::BadResponse(m) => Self::BadResponse(redact(&m, secret)),
@@ -182,11 +190,31 @@ pub async fn status_error(resp: reqwest::Response, secret: Option<&str>) -> Prov
         .and_then(|v| v.to_str().ok())
         .and_then(|v| parse_retry_after(v, chrono::Utc::now()));
     let body = resp.text().await.unwrap_or_default();
+    let (code, param) = error_code_and_param(&body);
     ProviderError::Status {
         status,
         message: redact(&error_message(&body, status), secret),
         retry_after,
+        code: code.map(|c| redact(&c, secret)),
+        param: param.map(|p| redact(&p, secret)),
     }
+}
+
+/// `error.code` (a string, or a number as text) and `error.param` of an upstream error
+/// body, where it has them.
+pub fn error_code_and_param(body: &str) -> (Option<String>, Option<String>) {
+    let Ok(v) = serde_json::from_str::<Value>(body) else {
+        return (None, None);
+    };
+    let Some(e) = v.get("error").filter(|e| e.is_object()) else {
+        return (None, None);
+    };
+    let text = |key: &str| match e.get(key) {
+        Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+        Some(Value::Number(n)) => Some(n.to_string()),
+        _ => None,
+    };
+    (text("code"), text("param"))
 }
 
 /// The human message of an upstream error body, whatever its dialect.
@@ -324,6 +352,21 @@ mod tests {
             "model not found"
         );
         assert_eq!(error_message("", 500), "HTTP 500 with an empty body");
+        assert_eq!(
+            error_code_and_param(
+                r#"{"error":{"message":"too long","code":"context_length_exceeded","param":"messages"}}"#
+            ),
+            (
+                Some("context_length_exceeded".into()),
+                Some("messages".into())
+            )
+        );
+        assert_eq!(
+            error_code_and_param(r#"{"error":{"message":"x","code":42,"param":null}}"#),
+            (Some("42".into()), None)
+        );
+        assert_eq!(error_code_and_param(r#"{"error":"flat"}"#), (None, None));
+        assert_eq!(error_code_and_param("<html>"), (None, None));
         assert_eq!(error_message("<html>oops</html>", 502), "<html>oops</html>");
     }
 
@@ -338,6 +381,8 @@ mod tests {
             status: 500,
             message: "bad key sk-secret-123 in stream".into(),
             retry_after: None,
+            code: None,
+            param: None,
         };
         assert_eq!(
             e.redacted(Some("sk-secret-123")).to_string(),

@@ -191,6 +191,8 @@ fn error_of(v: &Value) -> Option<ProviderError> {
         status: 500,
         message,
         retry_after: None,
+        code: None,
+        param: None,
     })
 }
 

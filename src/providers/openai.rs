@@ -140,6 +140,8 @@ fn parse_chunk(data: &str) -> Result<Value, ProviderError> {
             status: 502,
             message: message.to_string(),
             retry_after: None,
+            code: None,
+            param: None,
         });
     }
     Ok(v)

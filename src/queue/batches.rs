@@ -164,6 +164,7 @@ pub fn batch_job_error(code: &str, message: &str) -> JobError {
         kind: "cancelled".into(),
         message: message.into(),
         code: Some(code.into()),
+        param: None,
         retry_after: None,
     }
 }

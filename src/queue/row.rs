@@ -208,6 +208,7 @@ pub fn cancelled_error() -> JobError {
         kind: "cancelled".into(),
         message: "the job was cancelled".into(),
         code: Some("cancelled".into()),
+        param: None,
         retry_after: None,
     }
 }
@@ -220,6 +221,7 @@ pub fn orphaned_stream_error() -> JobError {
         kind: "provider_server_error".into(),
         message: "the instance serving this stream stopped before it finished".into(),
         code: None,
+        param: None,
         retry_after: None,
     }
 }

@@ -465,6 +465,7 @@ mod tests {
                 kind: "provider_server_error".into(),
                 message: "upstream said \"no\"".into(),
                 code: None,
+                param: None,
                 retry_after: None,
             }),
             usage_prompt: Some(12),

@@ -278,6 +278,7 @@ async fn settle(
                         kind: "provider_server_error".into(),
                         message: format!("the stream broke after it started: {error}"),
                         code: Some("stream_interrupted".into()),
+                        param: None,
                         retry_after: None,
                     },
                     partial: Some(partial),

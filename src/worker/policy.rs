@@ -101,7 +101,7 @@ pub fn on_failure(err: &ProviderError, class: &FailureClass, ctx: &Context<'_>) 
         FailureClass::Fatal { status } => Decision {
             outcome: AttemptOutcome::Failed,
             transition: Transition::Fail {
-                error: job_error(*status, "provider_error", message_of(err)),
+                error: passed_through(*status, err),
                 partial: None,
             },
             effect: ProviderEffect::default(),
@@ -185,6 +185,7 @@ pub fn rate_limited_error(task: &str, last: &str, wait_ms: i64) -> JobError {
             "every provider of route {task} is cooling down past this request's deadline (last: {last})"
         ),
         code: Some("rate_limited".into()),
+        param: None,
         retry_after: Some(u64::try_from(wait_s).unwrap_or(0)),
     }
 }
@@ -251,7 +252,26 @@ fn job_error(status: u16, kind: &str, message: String) -> JobError {
         kind: kind.into(),
         message,
         code: None,
+        param: None,
         retry_after: None,
+    }
+}
+
+/// An upstream 4xx returned to the caller as it is: its status, message, `code` and
+/// `param` (an SDK user may test `code`, e.g. `context_length_exceeded`).
+fn passed_through(status: u16, err: &ProviderError) -> JobError {
+    match err {
+        ProviderError::Status {
+            message,
+            code,
+            param,
+            ..
+        } => JobError {
+            code: code.clone(),
+            param: param.clone(),
+            ..job_error(status, "provider_error", message.clone())
+        },
+        other => job_error(status, "provider_error", other.to_string()),
     }
 }
 
@@ -290,6 +310,8 @@ mod tests {
             status: code,
             message: "boom".into(),
             retry_after: retry_after.map(Duration::from_secs),
+            code: None,
+            param: None,
         }
     }
 

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::support::*;
 
@@ -96,20 +96,21 @@ async fn every_provider_failing_gives_502_with_the_last_error() {
 #[tokio::test]
 async fn other_4xx_are_returned_at_once_with_one_upstream_call() {
     let (a, b, app) = two("max_retries = 3", "", &[]).await;
-    a.script([Reply::Status {
-        status: 400,
-        body: r#"{"error":{"message":"context_length_exceeded: too long","type":"invalid_request_error"}}"#.into(),
-        headers: vec![],
-    }]);
+    a.script([Reply::status_body(
+        400,
+        json!({"error": {"message": "This model's maximum context length is 8 tokens",
+            "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}}),
+    )]);
     let resp = app.chat(user("bad for upstream")).await;
     assert_eq!(resp.status(), 400);
-    let body: Value = resp.json().await.unwrap();
-    assert_eq!(body["error"]["type"], "provider_error");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("context_length_exceeded")
+    let mut body: Value = resp.json().await.unwrap();
+    assert!(body["error"]["job_id"].is_string());
+    body["error"].as_object_mut().unwrap().remove("job_id");
+    // The upstream's words, code and param, as an SDK user tests them.
+    assert_eq!(
+        body["error"],
+        json!({"message": "This model's maximum context length is 8 tokens",
+            "type": "provider_error", "param": "messages", "code": "context_length_exceeded"}),
     );
     assert_eq!((a.call_count(), b.call_count()), (1, 0));
 }

@@ -192,6 +192,7 @@ fn job_error(status: u16) -> JobError {
         kind: "provider_server_error".into(),
         message: "upstream broke".into(),
         code: Some("x".into()),
+        param: None,
         retry_after: None,
     }
 }
@@ -1226,6 +1227,7 @@ async fn queued_jobs_fail_in_place(store: Store) {
         kind: "rate_limit".into(),
         message: "cooling".into(),
         code: None,
+        param: None,
         retry_after: Some(90),
     };
     assert!(

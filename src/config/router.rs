@@ -300,6 +300,8 @@ pub fn parse(
             }
         };
         let mut targets = Vec::new();
+        // Where each target was written, for problems that name it.
+        let mut written_at = Vec::new();
         if let Some(primary) = r.primary {
             if !r.targets.is_empty() {
                 problems.push(format!(
@@ -312,11 +314,15 @@ pub fn parse(
                 weight: 1,
                 circuit_breaker: None,
             });
-            targets.extend(r.fallback.into_iter().map(|p| Target {
-                provider: p,
-                weight: 1,
-                circuit_breaker: None,
-            }));
+            written_at.push(key("primary"));
+            for (i, p) in r.fallback.into_iter().enumerate() {
+                targets.push(Target {
+                    provider: p,
+                    weight: 1,
+                    circuit_breaker: None,
+                });
+                written_at.push(key(&format!("fallback[{i}]")));
+            }
         } else {
             if !r.fallback.is_empty() {
                 problems.push(format!("{}: fallback needs a primary", key("fallback")));
@@ -363,6 +369,7 @@ pub fn parse(
                     weight,
                     circuit_breaker,
                 });
+                written_at.push(key(&format!("targets[{i}]")));
             }
         }
         if targets.is_empty() && !bad_targets {
@@ -372,21 +379,16 @@ pub fn parse(
             ));
         }
         let mut seen = BTreeSet::new();
-        for (i, t) in targets.iter().enumerate() {
+        for (t, at) in targets.iter().zip(&written_at) {
             if !providers.contains(&t.provider) {
                 problems.push(format!(
-                    "{}: unknown provider `{}` (known: {})",
-                    key(&format!("targets[{i}]")),
+                    "{at}: unknown provider `{}` (known: {})",
                     t.provider,
                     providers.iter().cloned().collect::<Vec<_>>().join(", ")
                 ));
             }
             if !seen.insert(t.provider.clone()) {
-                problems.push(format!(
-                    "{}: provider `{}` listed twice",
-                    key(&format!("targets[{i}]")),
-                    t.provider
-                ));
+                problems.push(format!("{at}: provider `{}` listed twice", t.provider));
             }
         }
         let sticky_ttl_s = match r.sticky_ttl {
@@ -481,12 +483,16 @@ routes:
 
     #[test]
     fn unknown_provider_and_empty_route_are_named() {
-        let text = "routes:\n  PLAN:\n    primary: nope\n  EMPTY: {}\n  DEFAULT:\n    primary: a\n";
+        let text = "routes:\n  PLAN:\n    primary: nope\n    fallback: [a, gone]\n  EMPTY: {}\n  DEFAULT:\n    primary: a\n";
         let err = parse(Path::new("router.yaml"), text, &names(&["a"]))
             .unwrap_err()
             .join("\n");
         assert!(
-            err.contains("router.yaml: routes.PLAN.targets[0]: unknown provider `nope`"),
+            err.contains("router.yaml: routes.PLAN.primary: unknown provider `nope`"),
+            "{err}"
+        );
+        assert!(
+            err.contains("router.yaml: routes.PLAN.fallback[1]: unknown provider `gone`"),
             "{err}"
         );
         assert!(

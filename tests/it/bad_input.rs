@@ -245,7 +245,7 @@ fn check_config_prints_routes_or_every_problem() {
     for expected in [
         "providers.toml: up.rpm: must not be negative",
         "providers.toml: other.type: unknown type `grpc`",
-        "router.yaml: routes.DEFAULT.targets[0]: unknown provider `ghost`",
+        "router.yaml: routes.DEFAULT.primary: unknown provider `ghost`",
         "router.yaml: routes.EMPTY.targets: route has no targets",
     ] {
         assert!(

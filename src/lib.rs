@@ -80,6 +80,9 @@ impl App {
     /// running, starts the worker pools and binds the listener.
     pub async fn build(settings: Settings) -> Result<Self, StartError> {
         let config = Config::load(&settings)?;
+        for w in config.warnings(&settings.providers_file()) {
+            tracing::warn!("{w}");
+        }
         let store = open_store(&settings).await?;
         let scope = match settings.database_url {
             DatabaseUrl::Sqlite(_) => RescueScope::All,

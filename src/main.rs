@@ -130,6 +130,10 @@ fn check_config(settings: &Settings) -> ExitCode {
                 settings.router_file().display()
             );
             print!("{}", cfg.describe());
+            // Not errors: the serving environment may set what this shell does not.
+            for w in cfg.warnings(&settings.providers_file()) {
+                eprintln!("warning: {w}");
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

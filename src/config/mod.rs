@@ -77,6 +77,25 @@ impl Config {
         }
     }
 
+    /// What is valid but will likely not work: a provider whose `auth_env` names a
+    /// variable that is not set here (its calls go without a key and get 401s).
+    pub fn warnings(&self, providers_file: &std::path::Path) -> Vec<String> {
+        self.providers
+            .values()
+            .filter_map(|p| {
+                let var = p.auth_env.as_deref()?;
+                std::env::var(var).is_err().then(|| {
+                    format!(
+                        "{}: {}.auth_env: the variable {var} is not set in this environment \
+                         (calls would go without a key)",
+                        providers_file.display(),
+                        p.name
+                    )
+                })
+            })
+            .collect()
+    }
+
     /// A human-readable summary for `check-config`.
     pub fn describe(&self) -> String {
         let mut out = String::from("providers:\n");

@@ -210,6 +210,41 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_llm-orch"))
 }
 
+/// A key variable that is not set is valid config (the serving environment may set it)
+/// but is named, so an operator does not learn of it from 401s.
+#[test]
+fn check_config_warns_of_a_key_variable_that_is_not_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = prepare(
+        dir.path(),
+        &Options::new(
+            openai_provider(
+                "up",
+                "http://127.0.0.1:9/v1",
+                "auth_env = \"ORCH_TEST_KEY_NOBODY_SETS\"",
+            ),
+            router_yaml(&["up"], ""),
+        ),
+    );
+    let out = bin().arg("check-config").envs(&env).output().unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "providers.toml: up.auth_env: the variable ORCH_TEST_KEY_NOBODY_SETS is not set"
+        ),
+        "{stderr}"
+    );
+    let out = bin()
+        .arg("check-config")
+        .envs(&env)
+        .env("ORCH_TEST_KEY_NOBODY_SETS", "sk-x")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("auth_env"));
+}
+
 #[test]
 fn check_config_prints_routes_or_every_problem() {
     let dir = tempfile::tempdir().unwrap();

@@ -165,8 +165,10 @@ impl App {
         self.state.shared.clone()
     }
 
-    /// Serves until the shutdown token is cancelled, then stops accepting, lets running
-    /// calls finish within the grace period, gives unfinished jobs back to the queue, exits.
+    /// Serves until the shutdown token is cancelled, then stops accepting and leasing, lets
+    /// running calls finish within the grace period (requests waiting for them get their
+    /// answers), tells the requests still waiting that their jobs are kept, gives unfinished
+    /// jobs back to the queue, exits.
     pub async fn run(self) -> std::io::Result<()> {
         let Self {
             listener,
@@ -182,15 +184,26 @@ impl App {
             "llm-orch listening"
         );
         let app = api::router(state.clone());
-        let stopping = state.shutting_down.clone();
         let stop = shutdown.clone();
         let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
             stop.cancelled().await;
             tracing::info!("shutting down: no new requests");
-            stopping.cancel();
         });
-        let result = serve.await;
-        workers.shutdown(grace).await;
+        // The server waits for the requests under way; they wait for their jobs until the
+        // calls running here have finished (or the grace period is over), then answer.
+        let calls = async {
+            shutdown.cancelled().await;
+            workers.finish_calls(grace).await;
+            state.shutting_down.cancel();
+        };
+        let serving = async {
+            let result = serve.await;
+            // Stopped by an error rather than the token: shut the rest down all the same.
+            shutdown.cancel();
+            result
+        };
+        let (result, ()) = tokio::join!(serving, calls);
+        workers.release().await;
         state.shared.telemetry.close().await;
         // Let go of the store (and with it SQLite's file lock) before returning.
         drop(state);

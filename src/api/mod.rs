@@ -30,7 +30,8 @@ pub use auth::Caller;
 pub struct AppInner {
     pub shared: Arc<Shared>,
     pub router: routing::Router,
-    /// Set when the server begins to shut down: waiting handlers answer at once.
+    /// Set once a shutdown's grace period is over (calls running here have finished or
+    /// were stopped): handlers still waiting for a job answer at once that it is kept.
     pub shutting_down: CancellationToken,
     pub config_loaded_at: chrono::DateTime<chrono::Utc>,
 }

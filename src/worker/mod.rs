@@ -144,9 +144,8 @@ impl Workers {
         &self.shared
     }
 
-    /// Stops leasing, lets running calls finish within `grace`, then aborts the rest and
-    /// gives their jobs back to the queue.
-    pub async fn shutdown(&self, grace: Duration) {
+    /// Stops leasing and lets running calls finish within `grace`, then aborts the rest.
+    pub async fn finish_calls(&self, grace: Duration) {
         let s = &self.shared;
         s.stop_leasing.cancel();
         s.tracker.close();
@@ -155,6 +154,11 @@ impl Workers {
             s.abort_calls.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(5), s.tracker.wait()).await;
         }
+    }
+
+    /// Gives the jobs of calls that did not finish back to the queue.
+    pub async fn release(&self) {
+        let s = &self.shared;
         match s.store.release_leases(&s.settings.instance_id).await {
             Ok(p) if !p.is_empty() => {
                 tracing::info!(providers = ?p, "gave unfinished jobs back to the queue")

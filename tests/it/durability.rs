@@ -205,6 +205,76 @@ async fn sigterm_lets_running_calls_finish_then_exits() {
     }
 }
 
+/// On SIGTERM a request whose call runs here gets its answer when the call finishes
+/// within the grace period; one whose job never started is told, when the grace period
+/// is over, that the job is kept.
+#[tokio::test]
+async fn sigterm_answers_requests_whose_calls_finish_within_the_grace_period() {
+    let fake = FakeOpenAi::start().await;
+    fake.set_latency(Duration::from_millis(1500));
+    let dir = tempfile::tempdir().unwrap();
+    let env = prepare(
+        dir.path(),
+        &Options::new(
+            openai_provider("up", &fake.base_url(), "concurrency = 1"),
+            router_yaml(&["up"], ""),
+        )
+        .env("ORCH_SHUTDOWN_GRACE_SECONDS", "4"),
+    );
+    let mut bin = spawn_binary(dir.path(), &env, "log.txt");
+    bin.wait_ready(Duration::from_secs(20)).await;
+    let http = reqwest::Client::new();
+    let ask = |text: &'static str| {
+        let (http, url) = (http.clone(), bin.url.clone());
+        tokio::spawn(async move {
+            let resp = http
+                .post(format!("{url}/v1/chat/completions"))
+                .json(&user(text))
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.unwrap(), Instant::now())
+        })
+    };
+    let running = ask("in flight");
+    let end = Instant::now() + Duration::from_secs(10);
+    while fake.in_flight() < 1 {
+        assert!(Instant::now() < end);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let queued = ask("never started");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let pid = bin.child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let (status, body, answered) = running.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["message"]["content"], "fake:in flight");
+    let (status, body, told) = queued.await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body["error"]["job_id"].is_string(), "{body}");
+    assert!(told >= answered);
+    let mut child = std::mem::replace(
+        &mut bin.child,
+        std::process::Command::new("true").spawn().unwrap(),
+    );
+    let exit = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(exit.success(), "graceful exit: {exit:?}");
+    assert_eq!(
+        fake.call_count(),
+        1,
+        "no new call was started during shutdown"
+    );
+}
+
 #[tokio::test]
 async fn queued_jobs_and_the_rpm_window_survive_a_restart() {
     let fake = FakeOpenAi::start().await;

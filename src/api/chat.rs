@@ -324,16 +324,14 @@ async fn wait_for_job(
             .with_job(&job_id));
         }
         let signalled = tokio::select! {
+            biased;
             r = watch.wait(left.min(SAFETY_POLL)) => r.ok(),
-            _ = app.shutting_down.cancelled() => {
-                return Err(ApiError::unavailable(format!(
-                    "the gateway is shutting down; job {job_id} is kept and will complete: poll GET /v1/jobs/{job_id}"
-                )).with_job(&job_id));
-            }
+            _ = app.shutting_down.cancelled() => None,
         };
         let finished = match signalled {
             Some(Some(job)) => Some(job),
-            // A signal from another instance, or the safety poll: read the row.
+            // A signal from another instance, the safety poll, or the end of a shutdown's
+            // grace period (the job may have ended just before it): read the row.
             _ => match shared.store.get_job(&job_id).await {
                 Ok(Some(job)) if job.status.is_terminal() => Some(Arc::new(job)),
                 Ok(Some(_)) => None,
@@ -351,6 +349,12 @@ async fn wait_for_job(
                 t.observe(&job, received.elapsed());
             }
             return Ok(job);
+        }
+        if app.shutting_down.is_cancelled() {
+            return Err(ApiError::unavailable(format!(
+                "the gateway is shutting down; job {job_id} is kept and will complete: poll GET /v1/jobs/{job_id}"
+            ))
+            .with_job(&job_id));
         }
         watch.rearm();
     }

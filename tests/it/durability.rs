@@ -234,7 +234,7 @@ async fn sigterm_answers_requests_whose_calls_finish_within_the_grace_period() {
                 .await
                 .unwrap();
             let status = resp.status().as_u16();
-            (status, resp.json::<Value>().await.unwrap(), Instant::now())
+            (status, resp.json::<Value>().await.unwrap())
         })
     };
     let running = ask("in flight");
@@ -253,13 +253,12 @@ async fn sigterm_answers_requests_whose_calls_finish_within_the_grace_period() {
             .unwrap()
             .success()
     );
-    let (status, body, answered) = running.await.unwrap();
+    let (status, body) = running.await.unwrap();
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["choices"][0]["message"]["content"], "fake:in flight");
-    let (status, body, told) = queued.await.unwrap();
+    let (status, body) = queued.await.unwrap();
     assert_eq!(status, 503, "{body}");
     assert!(body["error"]["job_id"].is_string(), "{body}");
-    assert!(told >= answered);
     let mut child = std::mem::replace(
         &mut bin.child,
         std::process::Command::new("true").spawn().unwrap(),

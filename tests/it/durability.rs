@@ -45,6 +45,61 @@ async fn job(http: &reqwest::Client, url: &str, id: &str) -> Value {
         .unwrap()
 }
 
+/// The binary with one provider `up` at a fake whose calls take 1.5 s, one at a time, and
+/// `grace_s` seconds of shutdown grace.
+async fn slow_solo(
+    grace_s: &str,
+) -> (
+    FakeOpenAi,
+    tempfile::TempDir,
+    std::collections::HashMap<String, String>,
+    Binary,
+) {
+    let fake = FakeOpenAi::start().await;
+    fake.set_latency(Duration::from_millis(1500));
+    let dir = tempfile::tempdir().unwrap();
+    let env = prepare(
+        dir.path(),
+        &Options::new(
+            openai_provider("up", &fake.base_url(), "concurrency = 1"),
+            router_yaml(&["up"], ""),
+        )
+        .env("ORCH_SHUTDOWN_GRACE_SECONDS", grace_s),
+    );
+    let bin = spawn_binary(dir.path(), &env, "log.txt");
+    bin.wait_ready(Duration::from_secs(20)).await;
+    (fake, dir, env, bin)
+}
+
+/// Waits until the fake has a call in flight.
+async fn a_call_in_flight(fake: &FakeOpenAi) {
+    let end = Instant::now() + Duration::from_secs(10);
+    while fake.in_flight() < 1 {
+        assert!(Instant::now() < end);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Sends SIGTERM to `bin` and waits for it to exit, which it must do cleanly.
+async fn terminate(bin: &mut Binary) {
+    let pid = bin.child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut child = std::mem::replace(
+        &mut bin.child,
+        std::process::Command::new("true").spawn().unwrap(),
+    );
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "graceful exit: {status:?}");
+}
+
 #[tokio::test]
 async fn kill_9_loses_no_job_and_never_repeats_a_finished_one() {
     let fake = FakeOpenAi::start().await;
@@ -145,43 +200,12 @@ async fn a_second_process_on_the_same_sqlite_file_refuses_to_start() {
 
 #[tokio::test]
 async fn sigterm_lets_running_calls_finish_then_exits() {
-    let fake = FakeOpenAi::start().await;
-    fake.set_latency(Duration::from_millis(1500));
-    let dir = tempfile::tempdir().unwrap();
-    let env = prepare(
-        dir.path(),
-        &Options::new(
-            openai_provider("up", &fake.base_url(), "concurrency = 1"),
-            router_yaml(&["up"], ""),
-        )
-        .env("ORCH_SHUTDOWN_GRACE_SECONDS", "10"),
-    );
-    let mut bin = spawn_binary(dir.path(), &env, "log.txt");
-    bin.wait_ready(Duration::from_secs(20)).await;
+    let (fake, dir, env, mut bin) = slow_solo("10").await;
     let http = reqwest::Client::new();
     let running = post_async(&http, &bin.url, "in flight").await;
     let queued = post_async(&http, &bin.url, "still queued").await;
-    let end = Instant::now() + Duration::from_secs(10);
-    while fake.in_flight() < 1 {
-        assert!(Instant::now() < end);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let pid = bin.child.id().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let mut child = std::mem::replace(
-        &mut bin.child,
-        std::process::Command::new("true").spawn().unwrap(),
-    );
-    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
-        .await
-        .unwrap();
-    assert!(status.success(), "graceful exit: {status:?}");
+    a_call_in_flight(&fake).await;
+    terminate(&mut bin).await;
     assert_eq!(
         fake.call_count(),
         1,
@@ -210,19 +234,7 @@ async fn sigterm_lets_running_calls_finish_then_exits() {
 /// is over, that the job is kept.
 #[tokio::test]
 async fn sigterm_answers_requests_whose_calls_finish_within_the_grace_period() {
-    let fake = FakeOpenAi::start().await;
-    fake.set_latency(Duration::from_millis(1500));
-    let dir = tempfile::tempdir().unwrap();
-    let env = prepare(
-        dir.path(),
-        &Options::new(
-            openai_provider("up", &fake.base_url(), "concurrency = 1"),
-            router_yaml(&["up"], ""),
-        )
-        .env("ORCH_SHUTDOWN_GRACE_SECONDS", "4"),
-    );
-    let mut bin = spawn_binary(dir.path(), &env, "log.txt");
-    bin.wait_ready(Duration::from_secs(20)).await;
+    let (fake, _dir, _env, mut bin) = slow_solo("4").await;
     let http = reqwest::Client::new();
     let ask = |text: &'static str| {
         let (http, url) = (http.clone(), bin.url.clone());
@@ -238,35 +250,16 @@ async fn sigterm_answers_requests_whose_calls_finish_within_the_grace_period() {
         })
     };
     let running = ask("in flight");
-    let end = Instant::now() + Duration::from_secs(10);
-    while fake.in_flight() < 1 {
-        assert!(Instant::now() < end);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    a_call_in_flight(&fake).await;
     let queued = ask("never started");
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let pid = bin.child.id().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let (status, body) = running.await.unwrap();
+    let ((), running, queued) = tokio::join!(terminate(&mut bin), running, queued);
+    let (status, body) = running.unwrap();
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["choices"][0]["message"]["content"], "fake:in flight");
-    let (status, body) = queued.await.unwrap();
+    let (status, body) = queued.unwrap();
     assert_eq!(status, 503, "{body}");
     assert!(body["error"]["job_id"].is_string(), "{body}");
-    let mut child = std::mem::replace(
-        &mut bin.child,
-        std::process::Command::new("true").spawn().unwrap(),
-    );
-    let exit = tokio::task::spawn_blocking(move || child.wait().unwrap())
-        .await
-        .unwrap();
-    assert!(exit.success(), "graceful exit: {exit:?}");
     assert_eq!(
         fake.call_count(),
         1,

@@ -223,8 +223,8 @@ async fn rate_limit_past_the_deadline_is_a_429_with_retry_after() {
     assert_eq!(fake.call_count(), 1);
 }
 
-#[tokio::test]
-async fn a_429_without_retry_after_uses_the_configured_cool_down() {
+/// One provider at a fake, with a configured cool-down of 1 s.
+async fn solo_cooling_down_1s() -> (FakeOpenAi, TestApp) {
     let fake = FakeOpenAi::start().await;
     let app = spawn_app(
         Options::new(
@@ -234,6 +234,12 @@ async fn a_429_without_retry_after_uses_the_configured_cool_down() {
         .env("ORCH_RETRY_AFTER_SECONDS", "1"),
     )
     .await;
+    (fake, app)
+}
+
+#[tokio::test]
+async fn a_429_without_retry_after_uses_the_configured_cool_down() {
+    let (fake, app) = solo_cooling_down_1s().await;
     fake.script([Reply::Status {
         status: 429,
         body: "{}".into(),
@@ -253,15 +259,7 @@ async fn a_429_whose_retry_after_is_zero_or_past_uses_the_configured_cool_down()
         .format("%a, %d %b %Y %H:%M:%S GMT")
         .to_string();
     for retry_after in ["0", past.as_str()] {
-        let fake = FakeOpenAi::start().await;
-        let app = spawn_app(
-            Options::new(
-                openai_provider("solo", &fake.base_url(), ""),
-                router_yaml(&["solo"], ""),
-            )
-            .env("ORCH_RETRY_AFTER_SECONDS", "1"),
-        )
-        .await;
+        let (fake, app) = solo_cooling_down_1s().await;
         fake.script([
             Reply::rate_limited(retry_after),
             Reply::rate_limited(retry_after),

@@ -181,7 +181,8 @@ pub fn parse_retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Opt
     delta.to_std().ok().filter(|d| !d.is_zero())
 }
 
-/// Turns a failed HTTP answer into a `ProviderError`, keeping the upstream's message.
+/// Turns a failed HTTP answer into a `ProviderError`, keeping the upstream's message
+/// (and its `code` and `param`), cleaned of the key.
 pub async fn status_error(resp: reqwest::Response, secret: Option<&str>) -> ProviderError {
     let status = resp.status().as_u16();
     let retry_after = resp
@@ -190,44 +191,43 @@ pub async fn status_error(resp: reqwest::Response, secret: Option<&str>) -> Prov
         .and_then(|v| v.to_str().ok())
         .and_then(|v| parse_retry_after(v, chrono::Utc::now()));
     let body = resp.text().await.unwrap_or_default();
-    let (code, param) = error_code_and_param(&body);
+    let UpstreamError {
+        message,
+        code,
+        param,
+    } = read_error(&body, status);
     ProviderError::Status {
         status,
-        message: redact(&error_message(&body, status), secret),
+        message,
         retry_after,
-        code: code.map(|c| redact(&c, secret)),
-        param: param.map(|p| redact(&p, secret)),
+        code,
+        param,
     }
+    .redacted(secret)
 }
 
-/// `error.code` (a string, or a number as text) and `error.param` of an upstream error
-/// body, where it has them.
-pub fn error_code_and_param(body: &str) -> (Option<String>, Option<String>) {
-    let Ok(v) = serde_json::from_str::<Value>(body) else {
-        return (None, None);
-    };
-    let Some(e) = v.get("error").filter(|e| e.is_object()) else {
-        return (None, None);
-    };
-    let text = |key: &str| match e.get(key) {
-        Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
-        Some(Value::Number(n)) => Some(n.to_string()),
-        _ => None,
-    };
-    (text("code"), text("param"))
+/// What an upstream error body says, whatever its dialect.
+#[derive(Debug, PartialEq)]
+pub struct UpstreamError {
+    /// The human message: `error.message`, a flat `error` string, else the body itself.
+    pub message: String,
+    /// `error.code` (a string, or a number as text), where the body has one.
+    pub code: Option<String>,
+    /// `error.param`, where the body has one.
+    pub param: Option<String>,
 }
 
-/// The human message of an upstream error body, whatever its dialect.
-pub fn error_message(body: &str, status: u16) -> String {
+/// Reads an upstream error body (parsed once).
+pub fn read_error(body: &str, status: u16) -> UpstreamError {
     let parsed: Option<Value> = serde_json::from_str(body).ok();
-    let msg = parsed.as_ref().and_then(|v| {
-        let e = v.get("error").unwrap_or(v);
+    let e = parsed.as_ref().map(|v| v.get("error").unwrap_or(v));
+    let msg = e.and_then(|e| {
         e.get("message")
             .and_then(Value::as_str)
             .map(str::to_string)
             .or_else(|| e.as_str().map(str::to_string))
     });
-    match msg {
+    let message = match msg {
         Some(m) if !m.is_empty() => m,
         _ if body.trim().is_empty() => format!("HTTP {status} with an empty body"),
         _ => {
@@ -237,6 +237,21 @@ pub fn error_message(body: &str, status: u16) -> String {
             }
             s
         }
+    };
+    // Only the OpenAI dialect's `error` object names a code and a param.
+    let fields = parsed
+        .as_ref()
+        .and_then(|v| v.get("error"))
+        .filter(|e| e.is_object());
+    let text = |key: &str| match fields?.get(key) {
+        Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+        Some(Value::Number(n)) => Some(n.to_string()),
+        _ => None,
+    };
+    UpstreamError {
+        code: text("code"),
+        param: text("param"),
+        message,
     }
 }
 
@@ -336,6 +351,11 @@ mod tests {
 
     #[test]
     fn error_messages_of_every_dialect() {
+        let error_message = |body: &str, status: u16| read_error(body, status).message;
+        let error_code_and_param = |body: &str| {
+            let e = read_error(body, 400);
+            (e.code, e.param)
+        };
         assert_eq!(
             error_message(r#"{"error":{"message":"bad key","type":"x"}}"#, 401),
             "bad key"

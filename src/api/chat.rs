@@ -174,7 +174,10 @@ async fn accept(
                     .filter(|j| j.status.is_terminal())
                 {
                     Some(job) => Arc::new(job),
-                    None => wait_for_job(app, watch, existing.id.clone(), received, None).await?,
+                    None => match wait_for(app, watch, &existing.id, received, None).await {
+                        Ok(job) => job,
+                        Err(answer) => return Ok(answer),
+                    },
                 }
             };
             // The first request's stream went to its own connection: a repeat that asked
@@ -203,7 +206,10 @@ async fn accept(
         let usage = include_usage(&req);
         return Ok(open_stream(app, job_id, rx, watch, usage, sticky, &new).await);
     }
-    let resp = wait_for(app, watch, job_id, received, tally.as_ref()).await?;
+    let resp = match wait_for(app, watch, &job_id, received, tally.as_ref()).await {
+        Ok(job) => render::finished(&job),
+        Err(answer) => answer,
+    };
     if let Some(p) = resp
         .headers()
         .get(super::HDR_PROVIDER)
@@ -280,23 +286,23 @@ fn accepted_view(new: &NewJob) -> Job {
     }
 }
 
-/// Waits for a job to finish, up to the request timeout, and answers with it.
+/// Waits for a job to finish, up to the request timeout. When it does not, the error is
+/// the answer; a 504 carries the job's headers (the job goes on: its provider, its hops).
 async fn wait_for(
     app: &AppState,
     watch: crate::queue::signals::JobWatch,
-    job_id: String,
+    job_id: &str,
     received: Instant,
     tally: Option<&WaitTally>,
-) -> Result<Response, ApiError> {
-    match wait_for_job(app, watch, job_id.clone(), received, tally).await {
-        Ok(job) => Ok(render::finished(&job)),
+) -> Result<Arc<Job>, Response> {
+    match wait_for_job(app, watch, job_id, received, tally).await {
+        Ok(job) => Ok(job),
         Err(e) if e.status == StatusCode::GATEWAY_TIMEOUT => {
-            // The job goes on: say where it stands (its provider, its hops so far).
-            let job = app.shared.store.get_job(&job_id).await.ok().flatten();
+            let job = app.shared.store.get_job(job_id).await.ok().flatten();
             let headers = job.as_ref().map(render::job_headers).unwrap_or_default();
-            Ok((headers, e).into_response())
+            Err((headers, e).into_response())
         }
-        Err(e) => Err(e),
+        Err(e) => Err(e.into_response()),
     }
 }
 
@@ -304,7 +310,7 @@ async fn wait_for(
 async fn wait_for_job(
     app: &AppState,
     mut watch: crate::queue::signals::JobWatch,
-    job_id: String,
+    job_id: &str,
     received: Instant,
     tally: Option<&WaitTally>,
 ) -> Result<Arc<Job>, ApiError> {
@@ -321,7 +327,7 @@ async fn wait_for_job(
                     timeout.as_secs()
                 ),
             )
-            .with_job(&job_id));
+            .with_job(job_id));
         }
         let signalled = tokio::select! {
             biased;
@@ -332,7 +338,7 @@ async fn wait_for_job(
             Some(Some(job)) => Some(job),
             // A signal from another instance, the safety poll, or the end of a shutdown's
             // grace period (the job may have ended just before it): read the row.
-            _ => match shared.store.get_job(&job_id).await {
+            _ => match shared.store.get_job(job_id).await {
                 Ok(Some(job)) if job.status.is_terminal() => Some(Arc::new(job)),
                 Ok(Some(_)) => None,
                 Ok(None) => return Err(ApiError::not_found(format!("job {job_id} disappeared"))),
@@ -354,7 +360,7 @@ async fn wait_for_job(
             return Err(ApiError::unavailable(format!(
                 "the gateway is shutting down; job {job_id} is kept and will complete: poll GET /v1/jobs/{job_id}"
             ))
-            .with_job(&job_id));
+            .with_job(job_id));
         }
         watch.rearm();
     }
@@ -518,7 +524,7 @@ fn sse_events(state: SseState) -> impl Stream<Item = Result<Event, Infallible>> 
                     };
                     match next {
                         Next::Event(Some(StreamEvent::Chunk(c))) => {
-                            if let Some(ev) = chunk_event(c, s.include_usage) {
+                            if let Some(ev) = render::chunk_event(c, s.include_usage) {
                                 s.sent = true;
                                 return Some((Ok(ev), s));
                             }
@@ -565,7 +571,7 @@ fn sse_events(state: SseState) -> impl Stream<Item = Result<Event, Infallible>> 
                 Phase::Draining(job) => {
                     // Chunks sent before the finish signal are still in the channel: send them first.
                     if let Ok(StreamEvent::Chunk(c)) = s.rx.try_recv() {
-                        if let Some(ev) = chunk_event(c, s.include_usage) {
+                        if let Some(ev) = render::chunk_event(c, s.include_usage) {
                             return Some((Ok(ev), s));
                         }
                         continue;
@@ -615,21 +621,4 @@ impl SseState {
             router.served(route, Some(key), &job.provider);
         }
     }
-}
-
-/// The SSE event of a chunk; usage is shown only to a client that asked for it.
-fn chunk_event(mut chunk: Value, include_usage: bool) -> Option<Event> {
-    if !include_usage {
-        let usage_only = chunk
-            .get("choices")
-            .and_then(Value::as_array)
-            .is_some_and(Vec::is_empty);
-        if usage_only && chunk.get("usage").is_some_and(|u| !u.is_null()) {
-            return None;
-        }
-        if let Some(o) = chunk.as_object_mut() {
-            o.remove("usage");
-        }
-    }
-    Some(Event::default().data(chunk.to_string()))
 }

@@ -1,6 +1,7 @@
 //! Turning job records into HTTP answers.
 
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
@@ -104,4 +105,21 @@ pub fn job_object(job: &Job, attempts: &[Attempt]) -> Value {
         _ => {}
     }
     v
+}
+
+/// The SSE event of a chunk; usage is shown only to a client that asked for it.
+pub fn chunk_event(mut chunk: Value, include_usage: bool) -> Option<Event> {
+    if !include_usage {
+        let usage_only = chunk
+            .get("choices")
+            .and_then(Value::as_array)
+            .is_some_and(Vec::is_empty);
+        if usage_only && chunk.get("usage").is_some_and(|u| !u.is_null()) {
+            return None;
+        }
+        if let Some(o) = chunk.as_object_mut() {
+            o.remove("usage");
+        }
+    }
+    Some(Event::default().data(chunk.to_string()))
 }

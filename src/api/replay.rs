@@ -15,9 +15,9 @@ use crate::queue::Job;
 
 /// The stream of a succeeded job's completion, ending with `data: [DONE]`.
 pub fn stream(job: &Job, completion: &Value, include_usage: bool) -> Response {
-    let events: Vec<Result<Event, Infallible>> = chunks(completion, include_usage)
+    let events: Vec<Result<Event, Infallible>> = chunks(completion)
         .into_iter()
-        .map(|c| Event::default().data(c.to_string()))
+        .filter_map(|c| render::chunk_event(c, include_usage))
         .chain(std::iter::once(Event::default().data("[DONE]")))
         .map(Ok)
         .collect();
@@ -27,8 +27,9 @@ pub fn stream(job: &Job, completion: &Value, include_usage: bool) -> Response {
 }
 
 /// The `chat.completion.chunk`s of `completion`: for each choice, its whole message as
-/// one delta and then its `finish_reason`; the usage last, for a client that asked.
-pub fn chunks(completion: &Value, include_usage: bool) -> Vec<Value> {
+/// one delta and then its `finish_reason`; the usage last (shown, as in a live stream,
+/// only to a client that asked: `render::chunk_event`).
+pub fn chunks(completion: &Value) -> Vec<Value> {
     let mut head = Map::new();
     head.insert(
         "id".into(),
@@ -67,7 +68,7 @@ pub fn chunks(completion: &Value, include_usage: bool) -> Vec<Value> {
             "finish_reason": choice.get("finish_reason").cloned().unwrap_or(Value::Null),
         }])));
     }
-    if include_usage && let Some(usage) = completion.get("usage").filter(|u| !u.is_null()) {
+    if let Some(usage) = completion.get("usage").filter(|u| !u.is_null()) {
         let mut last = chunk(json!([]));
         last["usage"] = usage.clone();
         out.push(last);
@@ -111,7 +112,7 @@ mod tests {
             ],
             "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
         });
-        let chunks = chunks(&completion, true);
+        let chunks = chunks(&completion);
         assert_eq!(chunks.len(), 5);
         for c in &chunks {
             assert_eq!(c["object"], "chat.completion.chunk");
@@ -136,6 +137,10 @@ mod tests {
         assert_eq!(chunks[4]["choices"], json!([]));
         assert_eq!(chunks[4]["usage"]["total_tokens"], 4);
         // Without include_usage there is no usage chunk.
-        assert_eq!(super::chunks(&completion, false).len(), 4);
+        let shown = super::chunks(&completion)
+            .into_iter()
+            .filter_map(|c| render::chunk_event(c, false))
+            .count();
+        assert_eq!(shown, 4);
     }
 }

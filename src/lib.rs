@@ -11,6 +11,7 @@
 pub mod api;
 pub mod config;
 pub mod export;
+pub mod planner;
 pub mod providers;
 pub mod queue;
 pub mod routing;
@@ -24,7 +25,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use config::{Config, DatabaseUrl, Settings};
+use config::{DatabaseUrl, Settings};
+use planner::Planner;
 use queue::{QueueStore, RescueScope, Signals};
 use telemetry::Telemetry;
 use worker::{Availability, Shared, StreamHub, Workers};
@@ -79,8 +81,12 @@ impl App {
     /// Loads config, opens and migrates the store, takes back jobs a dead process left
     /// running, starts the worker pools and binds the listener.
     pub async fn build(settings: Settings) -> Result<Self, StartError> {
-        let config = Config::load(&settings)?;
-        for w in config.warnings(&settings.providers_file()) {
+        let planner = Planner::load(&settings)?;
+        for w in planner
+            .current()
+            .config
+            .warnings(&settings.providers_file())
+        {
             tracing::warn!("{w}");
         }
         let store = open_store(&settings).await?;
@@ -102,23 +108,16 @@ impl App {
                 })?;
 
         let settings = Arc::new(settings);
-        let config = Arc::new(config);
-        let providers = providers::build(&config.providers);
         let telemetry = Arc::new(Telemetry::new(
             settings.metrics_dir.clone(),
             settings.instance_id.clone(),
             store.clone(),
-            providers.keys().cloned().collect(),
+            planner.current().providers.keys().cloned().collect(),
         ));
-        let router = routing::Router::new(
-            Arc::new(config.router.clone()),
-            providers.keys().cloned().collect(),
-        );
         let shared = Arc::new(Shared {
             store,
             signals: Signals::new(),
-            providers,
-            config,
+            planner,
             settings: settings.clone(),
             telemetry,
             streams: Arc::new(StreamHub::default()),
@@ -128,7 +127,8 @@ impl App {
             abort_calls: CancellationToken::new(),
             tracker: TaskTracker::new(),
             batch_nudge: tokio::sync::Notify::new(),
-            slots: Mutex::new(Default::default()),
+            slots: Default::default(),
+            pools: Mutex::new(Default::default()),
             accepting: Default::default(),
         });
         worker::refresh(&shared).await;
@@ -138,9 +138,8 @@ impl App {
         let workers = Workers::start(shared.clone());
         let state = Arc::new(api::AppInner {
             shared,
-            router,
+            router: routing::Router::new(),
             shutting_down: CancellationToken::new(),
-            config_loaded_at: chrono::Utc::now(),
         });
         Ok(Self {
             listener,

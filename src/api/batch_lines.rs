@@ -204,9 +204,10 @@ fn parse_line(
             Some("body.stream"),
         ));
     }
-    validate::apply_defaults(&mut req, &app.router.config().defaults);
+    let plan = app.shared.planner.current();
+    validate::apply_defaults(&mut req, &plan.config.router.defaults);
     let model = req.get("model").and_then(Value::as_str);
-    let (route, chain) = app.router.plan(ctx.task, model, None);
+    let (route, chain) = app.router.plan(&plan.config, ctx.task, model, None);
     let (hop, _) = first_available(&chain, availability, ctx.created_at);
     Ok(NewJob {
         id: line_job_id(ctx.batch_id, line),

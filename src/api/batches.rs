@@ -172,7 +172,8 @@ async fn create_batch(
 
     let now = chrono::Utc::now().timestamp_millis();
     let id = new_batch_id();
-    let task_header = &app.router.config().defaults.task_header;
+    let plan = app.shared.planner.current();
+    let task_header = &plan.config.router.defaults.task_header;
     let task = req.metadata.as_ref().and_then(|m| {
         m.get(task_header.as_str())
             .or_else(|| m.get(TASK_METADATA_KEY))

@@ -82,7 +82,8 @@ async fn accept(
     let settings = &shared.settings;
     let bytes = read_body(body, headers, settings.max_body_bytes).await?;
     let mut req = validate::chat_request(&bytes)?;
-    validate::apply_defaults(&mut req, &app.router.config().defaults);
+    let plan = shared.planner.current();
+    validate::apply_defaults(&mut req, &plan.config.router.defaults);
 
     let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let run_async = header_str(headers, "x-orch-async")
@@ -93,10 +94,12 @@ async fn accept(
             Some("stream"),
         ));
     }
-    let task_header = header_str(headers, &app.router.config().defaults.task_header);
+    let task_header = header_str(headers, &plan.config.router.defaults.task_header);
     let model = req.get("model").and_then(Value::as_str);
     let sticky_key = header_str(headers, "x-orch-sticky-key");
-    let (route, chain) = app.router.plan(task_header, model, sticky_key);
+    let (route, chain) = app
+        .router
+        .plan(&plan.config, task_header, model, sticky_key);
 
     if shared.telemetry.queued() >= settings.max_queue_depth as i64 {
         return Err(ApiError::rate_limited(
@@ -614,11 +617,11 @@ fn sse_events(state: SseState) -> impl Stream<Item = Result<Event, Infallible>> 
 impl SseState {
     /// Tells a sticky route which provider served this stream, as a plain answer does.
     fn served(&self, job: &Job) {
-        let router = &self.app.router;
+        let plan = self.app.shared.planner.current();
         if let Some((route, key)) = &self.sticky
-            && let Some(route) = router.config().routes.get(route)
+            && let Some(route) = plan.config.router.routes.get(route)
         {
-            router.served(route, Some(key), &job.provider);
+            self.app.router.served(route, Some(key), &job.provider);
         }
     }
 }

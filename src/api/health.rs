@@ -24,16 +24,18 @@ pub async fn healthz(State(app): State<AppState>) -> Response {
     } else {
         vec![]
     };
+    let plan = shared.planner.current();
     let body = json!({
         "status": if db_ok { "ok" } else { "degraded" },
         "db": if db_ok { "ok" } else { "unreachable" },
         "backend": shared.store.backend(),
         "instance": settings.instance_id,
-        "providers": shared.providers.keys().collect::<Vec<_>>(),
+        "providers": plan.providers.keys().collect::<Vec<_>>(),
         "instances": instances,
         "planner": {
-            "last_reload_at": app.config_loaded_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            "watch": [settings.providers_file().display().to_string(), settings.router_file().display().to_string()],
+            "last_reload_at": plan.loaded_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            "watch": shared.planner.watched().iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+            "last_error": shared.planner.last_error(),
         },
     });
     let status = if db_ok {
@@ -77,18 +79,15 @@ pub async fn model(State(app): State<AppState>, Path(id): Path<String>) -> Respo
 
 /// Every route name and every provider name as an OpenAI model object.
 fn model_objects(app: &AppState) -> Vec<Value> {
-    let created = app.config_loaded_at.timestamp();
-    let routes = app
+    let plan = app.shared.planner.current();
+    let created = plan.loaded_at.timestamp();
+    let routes = plan
+        .config
         .router
-        .config()
         .routes
         .keys()
         .map(|r| (r, "llm-orch:route"));
-    let providers = app
-        .shared
-        .providers
-        .keys()
-        .map(|p| (p, "llm-orch:provider"));
+    let providers = plan.providers.keys().map(|p| (p, "llm-orch:provider"));
     routes
         .chain(providers)
         .map(|(id, owner)| json!({"id": id, "object": "model", "created": created, "owned_by": owner}))

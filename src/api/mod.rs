@@ -33,7 +33,6 @@ pub struct AppInner {
     /// Set once a shutdown's grace period is over (calls running here have finished or
     /// were stopped): handlers still waiting for a job answer at once that it is kept.
     pub shutting_down: CancellationToken,
-    pub config_loaded_at: chrono::DateTime<chrono::Utc>,
 }
 
 pub type AppState = Arc<AppInner>;
@@ -45,7 +44,15 @@ pub const HDR_FALLBACKS: &str = "x-orch-fallback-attempts";
 
 pub fn router(state: AppState) -> Router {
     let settings = state.shared.settings.clone();
-    let task_header = state.router.config().defaults.task_header.clone();
+    let task_header = state
+        .shared
+        .planner
+        .current()
+        .config
+        .router
+        .defaults
+        .task_header
+        .clone();
     let api = Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/chat/completions", post(chat::chat_completions))

@@ -2,58 +2,55 @@
 //! DEFAULT) and the order in which that route's providers are tried.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
 
 use crate::config::router::DEFAULT_ROUTE;
-use crate::config::{Route, RouterConfig, Strategy};
+use crate::config::{Config, Route, RouterConfig, Strategy};
 
+/// Resolves routes of the configuration in force (it is passed in, as it may be reloaded)
+/// and remembers which provider served each sticky key.
+#[derive(Default)]
 pub struct Router {
-    config: Arc<RouterConfig>,
-    providers: Vec<String>,
     /// (route, sticky key) → the provider that last served it, and until when.
     sticky: Mutex<HashMap<(String, String), (String, Instant)>>,
 }
 
 impl Router {
-    /// `providers`: every configured provider name (a request's `model` may name one).
-    pub fn new(config: Arc<RouterConfig>, providers: Vec<String>) -> Self {
-        Self {
-            config,
-            providers,
-            sticky: Mutex::new(HashMap::new()),
-        }
+    pub fn new() -> Self {
+        Self::default()
     }
 
     /// Route and provider order for a request. A `model` that names no route but names a
     /// provider sends the request to that provider alone (the DEFAULT route's name is kept
     /// as the task).
-    pub fn plan(
+    pub fn plan<'a>(
         &self,
+        config: &'a Config,
         task_header: Option<&str>,
         model: Option<&str>,
         sticky_key: Option<&str>,
-    ) -> (&Route, Vec<String>) {
-        let routes = &self.config.routes;
+    ) -> (&'a Route, Vec<String>) {
+        let routes = &config.router.routes;
         let by_route = task_header.is_some_and(|t| routes.contains_key(t.trim()))
             || model.is_some_and(|m| routes.contains_key(m));
-        let route = self.resolve(task_header, model);
-        if !by_route && let Some(p) = model.filter(|m| self.providers.iter().any(|p| p == m)) {
+        let route = Self::resolve(&config.router, task_header, model);
+        if !by_route && let Some(p) = model.filter(|m| config.providers.contains_key(*m)) {
             return (route, vec![p.to_string()]);
         }
         (route, self.chain(route, sticky_key))
     }
 
-    pub fn config(&self) -> &RouterConfig {
-        &self.config
-    }
-
     /// The route for a request: the task header's value if it names a route, else the
     /// request's `model` if it names one, else DEFAULT. An unknown task is not an error.
-    pub fn resolve(&self, task_header: Option<&str>, model: Option<&str>) -> &Route {
-        let routes = &self.config.routes;
+    pub fn resolve<'a>(
+        config: &'a RouterConfig,
+        task_header: Option<&str>,
+        model: Option<&str>,
+    ) -> &'a Route {
+        let routes = &config.routes;
         task_header
             .and_then(|t| routes.get(t.trim()))
             .or_else(|| model.and_then(|m| routes.get(m)))
@@ -129,7 +126,7 @@ mod tests {
     use std::collections::BTreeSet;
     use std::path::Path;
 
-    fn router() -> Router {
+    fn config() -> Config {
         let text = r#"
 routes:
   PLAN: {primary: a, fallback: [b, c]}
@@ -143,45 +140,49 @@ routes:
   DEFAULT: {primary: c}
 "#;
         let names: BTreeSet<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
-        let providers = names.iter().cloned().collect();
-        Router::new(
-            Arc::new(crate::config::router::parse(Path::new("r"), text, &names).unwrap()),
-            providers,
-        )
+        let toml: String = names
+            .iter()
+            .map(|n| format!("[{n}]\ntype = \"dummy\"\nmodel = \"m\"\n"))
+            .collect();
+        Config {
+            providers: crate::config::providers::parse(Path::new("p"), &toml).unwrap(),
+            router: crate::config::router::parse(Path::new("r"), text, &names).unwrap(),
+        }
     }
 
     #[test]
     fn header_then_model_then_default() {
-        let r = router();
-        assert_eq!(r.resolve(Some("PLAN"), Some("W")).name, "PLAN");
-        assert_eq!(r.resolve(Some("NOPE"), Some("W")).name, "W");
-        assert_eq!(r.resolve(None, Some("gpt-4o")).name, "DEFAULT");
-        assert_eq!(r.resolve(Some("NOPE"), None).name, "DEFAULT");
+        let c = config();
+        let resolve = |t, m| Router::resolve(&c.router, t, m).name.clone();
+        assert_eq!(resolve(Some("PLAN"), Some("W")), "PLAN");
+        assert_eq!(resolve(Some("NOPE"), Some("W")), "W");
+        assert_eq!(resolve(None, Some("gpt-4o")), "DEFAULT");
+        assert_eq!(resolve(Some("NOPE"), None), "DEFAULT");
     }
 
     #[test]
     fn a_model_naming_a_provider_goes_there_alone() {
-        let r = router();
-        let (route, chain) = r.plan(None, Some("b"), None);
+        let (r, c) = (Router::new(), config());
+        let (route, chain) = r.plan(&c, None, Some("b"), None);
         assert_eq!(
             (route.name.as_str(), chain),
             ("DEFAULT", vec!["b".to_string()])
         );
-        let (route, chain) = r.plan(Some("PLAN"), Some("b"), None);
+        let (route, chain) = r.plan(&c, Some("PLAN"), Some("b"), None);
         assert_eq!((route.name.as_str(), chain.len()), ("PLAN", 3));
     }
 
     #[test]
     fn priority_keeps_order() {
-        let r = router();
-        let route = r.resolve(Some("PLAN"), None);
+        let (r, c) = (Router::new(), config());
+        let route = Router::resolve(&c.router, Some("PLAN"), None);
         assert_eq!(r.chain(route, None), ["a", "b", "c"]);
     }
 
     #[test]
     fn weighted_follows_weights_and_keeps_the_rest_as_fallback() {
-        let r = router();
-        let route = r.resolve(Some("W"), None);
+        let (r, c) = (Router::new(), config());
+        let route = Router::resolve(&c.router, Some("W"), None);
         let firsts = (0..4000).filter(|_| r.chain(route, None)[0] == "a").count();
         assert!((2700..3300).contains(&firsts), "{firsts}");
         let c = r.chain(route, None);
@@ -191,8 +192,8 @@ routes:
 
     #[test]
     fn sticky_keeps_the_provider_that_served() {
-        let r = router();
-        let route = r.resolve(Some("S"), None);
+        let (r, c) = (Router::new(), config());
+        let route = Router::resolve(&c.router, Some("S"), None);
         assert_eq!(r.chain(route, Some("k"))[0], "a");
         r.served(route, Some("k"), "b");
         assert_eq!(r.chain(route, Some("k")), ["b", "a"]);

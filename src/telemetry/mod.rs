@@ -20,7 +20,7 @@ pub struct Telemetry {
     queued: AtomicI64,
     /// Configured providers: their gauges are always exported (0 when idle), so a
     /// provider's series does not vanish when its queue empties.
-    providers: Vec<String>,
+    providers: std::sync::RwLock<Vec<String>>,
     /// Time spent on upstreams by jobs whose caller waits on this instance, for
     /// `orch_overhead_seconds`. Entries exist only while a handler waits (see `WaitTally`).
     waits: Mutex<HashMap<String, Waited>>,
@@ -48,15 +48,34 @@ impl Telemetry {
             metrics: metrics::Metrics::new(),
             jsonl: jsonl::JsonlWriter::start(metrics_dir, instance, store),
             queued: AtomicI64::new(0),
-            providers,
+            providers: std::sync::RwLock::new(providers),
             waits: Mutex::new(HashMap::new()),
         };
         t.queue_depths(&[]);
         t.running_counts(&[]);
-        for p in &t.providers {
-            t.metrics.provider_cooldown.with_label_values(&[p]).set(0.0);
-        }
+        t.zero_cooldowns();
         t
+    }
+
+    /// A config reload changed the providers: gauges list the new set.
+    pub fn set_providers(&self, providers: Vec<String>) {
+        *self.providers.write().unwrap_or_else(|e| e.into_inner()) = providers;
+        self.zero_cooldowns();
+    }
+
+    fn providers(&self) -> Vec<String> {
+        self.providers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Every configured provider shows a cool-down gauge, 0 until one is set (looking a
+    /// label up creates it at 0 and leaves an existing one as it is).
+    fn zero_cooldowns(&self) {
+        for p in self.providers() {
+            self.metrics.provider_cooldown.with_label_values(&[&p]);
+        }
     }
 
     /// A job reached a terminal state on this instance.
@@ -134,7 +153,7 @@ impl Telemetry {
 
     pub fn queue_depths(&self, depths: &[(String, i64)]) {
         self.metrics.queue_depth.reset();
-        for p in &self.providers {
+        for p in &self.providers() {
             self.metrics.queue_depth.with_label_values(&[p]).set(0.0);
         }
         for (p, n) in depths {
@@ -149,7 +168,7 @@ impl Telemetry {
 
     pub fn running_counts(&self, running: &[(String, i64)]) {
         self.metrics.jobs_running.reset();
-        for p in &self.providers {
+        for p in &self.providers() {
             self.metrics.jobs_running.with_label_values(&[p]).set(0.0);
         }
         for (p, n) in running {

@@ -240,16 +240,20 @@ async fn settle(
         }
         Verdict::Failed(err) => {
             let class = policy::classify(&err, shared.settings.retry_after_default);
-            let unavailable = unavailable_now(shared).await;
+            let unavailable = shared.without_removed(unavailable_now(shared).await, &job.chain);
             let breaker = shared
+                .planner
+                .current()
                 .config
                 .router
                 .breaker_for(&cfg.name)
                 .map(|b| (b.failure_threshold, (b.recovery_time_s * 1000.0) as i64));
+            // No retry on a provider a reload removed meanwhile: no pool would lease it.
+            let removed = shared.planner.provider(&cfg.name).is_none();
             let ctx = policy::Context {
                 job: &job,
                 now,
-                max_retries: cfg.max_retries,
+                max_retries: if removed { 0 } else { cfg.max_retries },
                 unavailable_until: &unavailable,
                 breaker,
             };

@@ -23,21 +23,17 @@ pub async fn insert_and_start(shared: &Arc<Shared>, job: &NewJob) -> StoreResult
     let name = job.provider();
     let alone = shared.accepting.fetch_add(1, Ordering::AcqRel) == 0;
     let _accepting = Accepting(&shared.accepting);
-    let slot = shared
-        .providers
-        .get(name)
-        .filter(|_| alone && !shared.stop_leasing.is_cancelled())
+    let slot = (alone && !shared.stop_leasing.is_cancelled())
+        .then(|| shared.planner.provider(name))
+        .flatten()
         .and_then(|provider| {
             let cfg = provider.config();
             let permit = shared
                 .slots_of(name, cfg.concurrency)
                 .try_acquire_owned()
                 .ok()?;
-            Some((
-                provider.clone(),
-                permit,
-                pool::lease_request(shared, name, cfg, 1),
-            ))
+            let req = pool::lease_request(shared, name, cfg, 1);
+            Some((provider, permit, req))
         });
     let Some((provider, permit, req)) = slot else {
         let inserted = shared.store.insert_job(job).await?;

@@ -8,9 +8,11 @@ mod call;
 mod direct;
 pub mod policy;
 mod pool;
+mod reload;
 mod renewer;
 mod reroute;
 mod rescuer;
+mod slots;
 pub mod streams;
 
 use std::collections::HashMap;
@@ -20,21 +22,22 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, Settings};
-use crate::providers::Providers;
+use crate::config::Settings;
+use crate::planner::Planner;
 use crate::queue::{ProviderState, QueueStore, Signals};
 use crate::telemetry::Telemetry;
 pub use direct::insert_and_start;
 pub use renewer::RunningCall;
 pub use rescuer::refresh;
+pub use slots::CallSlots;
 pub use streams::{StreamEvent, StreamHub};
 
 /// Everything a pool needs, shared by all pools of one instance.
 pub struct Shared {
     pub store: Arc<dyn QueueStore>,
     pub signals: Arc<Signals>,
-    pub providers: Providers,
-    pub config: Arc<Config>,
+    /// Providers and routes in force; reloaded when the config files change.
+    pub planner: Planner,
     pub settings: Arc<Settings>,
     pub telemetry: Arc<Telemetry>,
     pub streams: Arc<StreamHub>,
@@ -51,7 +54,9 @@ pub struct Shared {
     pub batch_nudge: tokio::sync::Notify,
     /// Per provider: this instance's call slots, shared by its pool and by requests that
     /// start their call directly (`direct`).
-    pub slots: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    pub slots: CallSlots,
+    /// Providers whose pool runs on this instance.
+    pub pools: Mutex<std::collections::BTreeSet<String>>,
     /// Requests between "insert" and "committed" now (see `direct`).
     pub accepting: std::sync::atomic::AtomicUsize,
 }
@@ -59,11 +64,7 @@ pub struct Shared {
 impl Shared {
     /// The call slots of `provider` on this instance (its `concurrency`).
     pub fn slots_of(&self, provider: &str, concurrency: u32) -> Arc<tokio::sync::Semaphore> {
-        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        slots
-            .entry(provider.to_string())
-            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(concurrency as usize)))
-            .clone()
+        self.slots.of(provider, concurrency)
     }
 
     /// Stops the in-flight call of a job on this instance, if there is one.
@@ -72,6 +73,22 @@ impl Shared {
         if let Some(call) = running.get(job_id) {
             call.token.cancel();
         }
+    }
+
+    /// `until` (when providers can take calls again) with every one of `providers` that a
+    /// config reload removed marked as never: jobs must not move onto them.
+    pub fn without_removed<'a>(
+        &self,
+        mut until: HashMap<String, i64>,
+        providers: impl IntoIterator<Item = &'a String>,
+    ) -> HashMap<String, i64> {
+        let plan = self.planner.current();
+        for p in providers {
+            if plan.provider(p).is_none() {
+                until.insert(p.clone(), i64::MAX);
+            }
+        }
+        until
     }
 
     /// A job ended: if it is a batch line, its batch may be done.
@@ -114,6 +131,23 @@ impl Availability {
     }
 }
 
+/// Starts a pool for each provider of the plan in force that has none running here.
+pub(crate) fn start_pools(shared: &Arc<Shared>) {
+    let plan = shared.planner.current();
+    // Under the lock a pool also takes to see its provider gone and leave the set, so a
+    // provider removed and added back never ends up with no pool (or with two).
+    let mut pools = shared.pools.lock().unwrap_or_else(|e| e.into_inner());
+    for name in plan.providers.keys() {
+        if pools.insert(name.clone()) {
+            let shared2 = shared.clone();
+            let name = name.clone();
+            shared
+                .tracker
+                .spawn(async move { pool::run(shared2, name).await });
+        }
+    }
+}
+
 /// Handle on the running pools.
 pub struct Workers {
     shared: Arc<Shared>,
@@ -126,13 +160,9 @@ impl Workers {
         // Not tracked: it renews the leases of calls still running while the tracker
         // drains, and ends when the instance is gone.
         tokio::spawn(renewer::run(Arc::downgrade(&shared)));
-        for name in shared.providers.keys() {
-            let shared2 = shared.clone();
-            let name = name.clone();
-            shared
-                .tracker
-                .spawn(async move { pool::run(shared2, name).await });
-        }
+        start_pools(&shared);
+        let s = shared.clone();
+        shared.tracker.spawn(async move { reload::run(s).await });
         let s = shared.clone();
         shared.tracker.spawn(async move { rescuer::run(s).await });
         let s = shared.clone();

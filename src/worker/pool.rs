@@ -16,17 +16,19 @@ use crate::queue::{Blocked, Budget, LeaseRequest, LeasedJob};
 const POLL: Duration = Duration::from_secs(1);
 
 pub async fn run(shared: Arc<Shared>, name: String) {
-    let Some(provider) = shared.providers.get(&name).cloned() else {
-        return;
-    };
-    let cfg = provider.config().clone();
     let notify = shared.signals.pool(&name);
-    // Local cap: never hold more leases than the global concurrency allows.
-    let slots = shared.slots_of(&name, cfg.concurrency);
     tracing::debug!(provider = %name, "pool started");
 
     let wants_capacity = shared.signals.capacity_flag(&name);
     while !shared.stop_leasing.is_cancelled() {
+        // The adapter and limits in force now: a config reload may have changed them.
+        let Some(provider) = provider_or_stop(&shared, &name) else {
+            reroute::drain_removed(&shared, &name).await;
+            return;
+        };
+        let cfg = provider.config();
+        // Local cap: never hold more leases than the global concurrency allows.
+        let slots = shared.slots_of(&name, cfg.concurrency);
         // Until this lease shows the queue drained, a call that ends should wake us.
         wants_capacity.store(true, Ordering::Release);
         let free = slots.available_permits();
@@ -42,7 +44,7 @@ pub async fn run(shared: Arc<Shared>, name: String) {
         else {
             continue; // taken in between: look again
         };
-        let req = lease_request(&shared, &name, &cfg, free);
+        let req = lease_request(&shared, &name, cfg, free);
         let lease = match shared.store.lease(&req).await {
             Ok(l) => l,
             Err(e) => {
@@ -96,6 +98,18 @@ pub async fn run(shared: Arc<Shared>, name: String) {
         }
     }
     tracing::debug!(provider = %name, "pool stopped leasing");
+}
+
+/// The provider's adapter in force, or `None` when a reload removed it: then this pool
+/// leaves the set of running pools (under its lock, see `start_pools`) and stops.
+fn provider_or_stop(shared: &Shared, name: &str) -> Option<Arc<dyn Provider>> {
+    let mut pools = shared.pools.lock().unwrap_or_else(|e| e.into_inner());
+    let provider = shared.planner.provider(name);
+    if provider.is_none() {
+        pools.remove(name);
+        tracing::info!(provider = %name, "provider removed from the config: its pool stops");
+    }
+    provider
 }
 
 /// What a lease of `provider` asks for, with room for `free` jobs.

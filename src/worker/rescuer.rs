@@ -30,7 +30,8 @@ pub async fn run(shared: Arc<Shared>) {
             }
             Err(e) => tracing::warn!(error = %e, "rescuer could not reach the database"),
         }
-        refresh(&shared).await;
+        let depths = refresh(&shared).await;
+        drain_unconfigured(&shared, &depths).await;
         purge_expired(&shared).await;
     }
 }
@@ -73,16 +74,28 @@ async fn purge_expired(shared: &Shared) {
     }
 }
 
-/// Reads provider availability and queue depths into memory.
-pub async fn refresh(shared: &Shared) {
+/// Jobs queued on a provider that is not in the config (a reload removed it, or it was
+/// gone from the files at start) would wait forever: they move on along their chains.
+async fn drain_unconfigured(shared: &Shared, depths: &[(String, i64)]) {
+    for (provider, n) in depths {
+        if *n > 0 && shared.planner.provider(provider).is_none() {
+            super::reroute::drain_removed(shared, provider).await;
+        }
+    }
+}
+
+/// Reads provider availability and queue depths into memory; returns the depths.
+pub async fn refresh(shared: &Shared) -> Vec<(String, i64)> {
     if let Ok(states) = shared.store.provider_states().await {
         shared.availability.replace(&states);
         shared.telemetry.provider_states(&states);
     }
-    if let Ok(depths) = shared.store.queue_depths().await {
-        shared.telemetry.queue_depths(&depths);
+    let depths = shared.store.queue_depths().await;
+    if let Ok(depths) = &depths {
+        shared.telemetry.queue_depths(depths);
     }
     if let Ok(running) = shared.store.running_counts().await {
         shared.telemetry.running_counts(&running);
     }
+    depths.unwrap_or_default()
 }

@@ -82,14 +82,7 @@ async fn a_call_in_flight(fake: &FakeOpenAi) {
 
 /// Sends SIGTERM to `bin` and waits for it to exit, which it must do cleanly.
 async fn terminate(bin: &mut Binary) {
-    let pid = bin.child.id().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    bin.signal("TERM");
     let mut child = std::mem::replace(
         &mut bin.child,
         std::process::Command::new("true").spawn().unwrap(),

@@ -9,6 +9,7 @@ mod batch_store;
 mod batches;
 mod budgets;
 mod chat;
+mod config_reload;
 mod durability;
 mod hygiene;
 mod multi_instance;

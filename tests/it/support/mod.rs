@@ -290,6 +290,16 @@ impl Binary {
         panic!("binary at {} did not become ready", self.url);
     }
 
+    /// Sends a signal (`TERM`, `HUP`, …) by name.
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill")
+            .args([format!("-{name}").as_str(), &pid])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -{name} {pid}");
+    }
+
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -1,0 +1,76 @@
+//! Watches the config files and puts a valid change in force (see `planner`): looks once a
+//! second, and at once on SIGHUP.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{Shared, start_pools};
+use crate::planner::Reload;
+
+const LOOK_EVERY: Duration = Duration::from_secs(1);
+
+pub async fn run(shared: Arc<Shared>) {
+    let mut hangup = Hangup::listen();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(LOOK_EVERY) => {}
+            _ = hangup.next() => tracing::info!("SIGHUP: reading the config files"),
+            _ = shared.stop_leasing.cancelled() => return,
+        }
+        apply(&shared, shared.planner.reload_if_changed(&shared.settings));
+    }
+}
+
+fn apply(shared: &Arc<Shared>, outcome: Reload) {
+    match outcome {
+        Reload::Unchanged => {}
+        Reload::Rejected(e) => tracing::error!(
+            "config files changed but are not valid; the previous config stays in force:\n{e}"
+        ),
+        Reload::Loaded {
+            added,
+            removed,
+            changed,
+        } => {
+            let plan = shared.planner.current();
+            for w in plan.config.warnings(&shared.settings.providers_file()) {
+                tracing::warn!("{w}");
+            }
+            shared
+                .telemetry
+                .set_providers(plan.providers.keys().cloned().collect());
+            start_pools(shared);
+            // Pools read their provider at every lease; wake them so a changed limit or a
+            // removal is seen now rather than after their nap.
+            for name in removed.iter().chain(&changed) {
+                shared.signals.wake_pool(name);
+            }
+            tracing::info!(?added, ?removed, ?changed, "config reloaded");
+        }
+    }
+}
+
+/// SIGHUP, the usual "read your config again". Never fires where it cannot be had.
+struct Hangup {
+    #[cfg(unix)]
+    signal: Option<tokio::signal::unix::Signal>,
+}
+
+impl Hangup {
+    fn listen() -> Self {
+        Self {
+            #[cfg(unix)]
+            signal: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok(),
+        }
+    }
+
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        if let Some(s) = &mut self.signal
+            && s.recv().await.is_some()
+        {
+            return;
+        }
+        std::future::pending::<()>().await
+    }
+}

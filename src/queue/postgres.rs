@@ -883,18 +883,23 @@ impl QueueStore for PostgresStore {
 
     async fn heartbeat(&self, instance: &str) -> StoreResult<()> {
         let heard_before = self.peers.heard_so_far();
+        // The first beat of this process records the instance's (re)start.
+        let starting = !self.announced.load(std::sync::atomic::Ordering::Acquire);
         let (others,): (bool,) = sqlx::query_as(concat!(
             "WITH beat AS (INSERT INTO instances (id, started_at, heartbeat_at) VALUES ($1, ",
             db_now!(),
             ", ",
             db_now!(),
-            ") ON CONFLICT (id) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at RETURNING id) \
+            ") ON CONFLICT (id) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at, \
+             started_at = CASE WHEN $3 THEN EXCLUDED.started_at ELSE instances.started_at END \
+             RETURNING id) \
              SELECT EXISTS (SELECT 1 FROM instances WHERE id <> $1 AND heartbeat_at > ",
             db_now!(),
             " - $2) FROM beat"
         ))
         .bind(instance)
         .bind(PEER_WINDOW_MS)
+        .bind(starting)
         .fetch_one(&self.pool)
         .await?;
         self.peers.seen_by_heartbeat(others, heard_before);

@@ -38,6 +38,8 @@ pub struct SqliteStore {
     /// Held for the life of the store: the file lock that keeps a second process out
     /// (`None` for a reader opened beside a running gateway).
     _lock: Option<File>,
+    /// Set by the first heartbeat: the one that records the instance's (re)start.
+    started: std::sync::atomic::AtomicBool,
 }
 
 pub(super) fn now_ms() -> i64 {
@@ -107,6 +109,7 @@ impl SqliteStore {
             writer,
             readers,
             _lock: Some(lock),
+            started: Default::default(),
         })
     }
 
@@ -131,6 +134,7 @@ impl SqliteStore {
             writer,
             readers,
             _lock: None,
+            started: Default::default(),
         })
     }
 }
@@ -452,16 +456,22 @@ impl QueueStore for SqliteStore {
 
     async fn heartbeat(&self, instance: &str) -> StoreResult<()> {
         let instance = instance.to_owned();
+        // The first beat of this process records the instance's (re)start.
+        let starting = !self.started.load(std::sync::atomic::Ordering::Acquire);
         self.writer
             .write(move |conn| {
                 conn.prepare_cached(
                     "INSERT INTO instances (id, started_at, heartbeat_at) VALUES (?1, ?2, ?2) \
-                     ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+                     ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, \
+                     started_at = CASE WHEN ?3 THEN excluded.started_at ELSE instances.started_at END",
                 )?
-                .execute(params![instance, now_ms()])?;
+                .execute(params![instance, now_ms(), starting])?;
                 Ok(())
             })
-            .await
+            .await?;
+        self.started
+            .store(true, std::sync::atomic::Ordering::Release);
+        Ok(())
     }
 
     async fn instances(&self, since_ms: i64) -> StoreResult<Vec<InstanceInfo>> {

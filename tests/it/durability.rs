@@ -383,3 +383,29 @@ async fn metrics_export_reads_the_sqlite_file_while_the_gateway_serves() {
         .unwrap();
     assert_eq!(again.status(), 200);
 }
+
+#[tokio::test]
+async fn a_restarted_instance_shows_its_new_start_time() {
+    let fake = FakeOpenAi::start().await;
+    let app = spawn_app(
+        Options::new(
+            openai_provider("up", &fake.base_url(), ""),
+            router_yaml(&["up"], ""),
+        )
+        .env("ORCH_INSTANCE_ID", "steady"),
+    )
+    .await;
+    let started = |health: Value| {
+        assert_eq!(health["instances"][0]["id"], "steady", "{health}");
+        health["instances"][0]["started_at"].clone()
+    };
+    let first = started(app.get("/healthz").await.json().await.unwrap());
+    let (dir, env) = app.stop().await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let app = start_in(dir, env).await;
+    let again = started(app.get("/healthz").await.json().await.unwrap());
+    assert_ne!(
+        again, first,
+        "same instance id, new process: a new start time"
+    );
+}

@@ -110,14 +110,13 @@ impl Planner {
 
     /// Reloads when a watched file changed since the last look.
     pub fn reload_if_changed(&self, settings: &Settings) -> Reload {
+        // Held throughout: one reload at a time.
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         let now = read_all(&self.watch);
-        {
-            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-            if *seen == now {
-                return Reload::Unchanged;
-            }
-            *seen = now;
+        if *seen == now {
+            return Reload::Unchanged;
         }
+        *seen = now;
         let config = match Config::load(settings) {
             Ok(c) => c,
             Err(e) => {
@@ -125,8 +124,10 @@ impl Planner {
                 return Reload::Rejected(e);
             }
         };
+        // Built outside the plan's lock (adapters make HTTP clients), so requests go on
+        // reading it meanwhile; no other reload can replace it in between.
+        let plan = Plan::new(config, Some(&self.current()));
         let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
-        let plan = Plan::new(config, Some(&current));
         let old: BTreeSet<&String> = current.providers.keys().collect();
         let new: BTreeSet<&String> = plan.providers.keys().collect();
         let added = new.difference(&old).map(|s| s.to_string()).collect();

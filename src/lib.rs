@@ -94,7 +94,9 @@ impl App {
             DatabaseUrl::Sqlite(_) => RescueScope::All,
             DatabaseUrl::Postgres(_) => RescueScope::Owner(&settings.instance_id),
         };
-        store.heartbeat(&settings.instance_id).await?;
+        store
+            .heartbeat(&settings.instance_id, &planner.current().provider_names())
+            .await?;
         let rescued = store.rescue(scope).await?;
         if !rescued.is_empty() {
             tracing::warn!(providers = ?rescued, "re-queued jobs left running by a previous process");
@@ -112,7 +114,7 @@ impl App {
             settings.metrics_dir.clone(),
             settings.instance_id.clone(),
             store.clone(),
-            planner.current().providers.keys().cloned().collect(),
+            planner.current().provider_names(),
         ));
         let shared = Arc::new(Shared {
             store,
@@ -129,6 +131,7 @@ impl App {
             batch_nudge: tokio::sync::Notify::new(),
             slots: Default::default(),
             pools: Mutex::new(Default::default()),
+            peer_providers: Default::default(),
             accepting: Default::default(),
         });
         worker::refresh(&shared).await;

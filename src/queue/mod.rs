@@ -181,8 +181,9 @@ pub trait QueueStore: Send + Sync + 'static {
     /// Cheap round trip for `/healthz`.
     async fn ping(&self) -> StoreResult<()>;
 
-    /// Records that `instance` is alive (inserting it on first call).
-    async fn heartbeat(&self, instance: &str) -> StoreResult<()>;
+    /// Records that `instance` is alive with `providers` in its config (inserting it on
+    /// first call; the first call of a process also records its start).
+    async fn heartbeat(&self, instance: &str, providers: &[String]) -> StoreResult<()>;
 
     /// Instances whose last heartbeat is newer than `since_ms`.
     async fn instances(&self, since_ms: i64) -> StoreResult<Vec<InstanceInfo>>;

@@ -363,6 +363,8 @@ pub struct InstanceInfo {
     pub id: String,
     pub started_at: i64,
     pub heartbeat_at: i64,
+    /// The providers in its config, as of its last heartbeat.
+    pub providers: Vec<String>,
 }
 
 /// A queued job sent on to another provider of its chain.

@@ -43,7 +43,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::row::{
     AttemptRow, InstanceRow, JobRow, ProviderStateRow, cancelled_error, chain_json, error_json,
-    interrupted_attempt_error, mark_leased, orphaned_stream_error,
+    interrupted_attempt_error, mark_leased, orphaned_stream_error, providers_json,
 };
 use super::*;
 use crate::config::PostgresSync;
@@ -881,17 +881,17 @@ impl QueueStore for PostgresStore {
         Ok(())
     }
 
-    async fn heartbeat(&self, instance: &str) -> StoreResult<()> {
+    async fn heartbeat(&self, instance: &str, providers: &[String]) -> StoreResult<()> {
         let heard_before = self.peers.heard_so_far();
         // The first beat of this process records the instance's (re)start.
         let starting = !self.announced.load(std::sync::atomic::Ordering::Acquire);
         let (others,): (bool,) = sqlx::query_as(concat!(
-            "WITH beat AS (INSERT INTO instances (id, started_at, heartbeat_at) VALUES ($1, ",
+            "WITH beat AS (INSERT INTO instances (id, started_at, heartbeat_at, providers) VALUES ($1, ",
             db_now!(),
             ", ",
             db_now!(),
-            ") ON CONFLICT (id) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at, \
-             started_at = CASE WHEN $3 THEN EXCLUDED.started_at ELSE instances.started_at END \
+            ", $4) ON CONFLICT (id) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at, \
+             providers = EXCLUDED.providers, started_at = CASE WHEN $3 THEN EXCLUDED.started_at ELSE instances.started_at END \
              RETURNING id) \
              SELECT EXISTS (SELECT 1 FROM instances WHERE id <> $1 AND heartbeat_at > ",
             db_now!(),
@@ -900,6 +900,7 @@ impl QueueStore for PostgresStore {
         .bind(instance)
         .bind(PEER_WINDOW_MS)
         .bind(starting)
+        .bind(providers_json(providers))
         .fetch_one(&self.pool)
         .await?;
         self.peers.seen_by_heartbeat(others, heard_before);
@@ -918,7 +919,7 @@ impl QueueStore for PostgresStore {
 
     async fn instances(&self, since_ms: i64) -> StoreResult<Vec<InstanceInfo>> {
         let rows: Vec<InstanceRow> = sqlx::query_as(
-            "SELECT id, started_at, heartbeat_at FROM instances WHERE heartbeat_at > $1 ORDER BY id",
+            "SELECT id, started_at, heartbeat_at, providers FROM instances WHERE heartbeat_at > $1 ORDER BY id",
         )
         .bind(since_ms)
         .fetch_all(&self.pool)

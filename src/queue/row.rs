@@ -307,15 +307,22 @@ impl From<ProviderStateRow> for ProviderState {
     }
 }
 
-/// `id, started_at, heartbeat_at`, as selected.
-pub type InstanceRow = (String, i64, i64);
+/// `id, started_at, heartbeat_at, providers`, as selected.
+pub type InstanceRow = (String, i64, i64, String);
 
 impl From<InstanceRow> for InstanceInfo {
-    fn from((id, started_at, heartbeat_at): InstanceRow) -> Self {
+    fn from((id, started_at, heartbeat_at, providers): InstanceRow) -> Self {
         InstanceInfo {
             id,
             started_at,
             heartbeat_at,
+            // Written by `providers_json`; anything else reads as no providers.
+            providers: serde_json::from_str(&providers).unwrap_or_default(),
         }
     }
+}
+
+/// How an instance's providers are stored.
+pub fn providers_json(providers: &[String]) -> String {
+    serde_json::to_string(providers).unwrap_or_else(|_| "[]".into())
 }

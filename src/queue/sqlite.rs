@@ -21,7 +21,7 @@ use sqlx::{Connection, SqliteConnection, SqlitePool};
 
 use super::row::{
     AttemptRow, InstanceRow, JobRow, ProviderStateRow, cancelled_error, chain_json, error_json,
-    interrupted_attempt_error, lease_estimate, orphaned_stream_error,
+    interrupted_attempt_error, lease_estimate, orphaned_stream_error, providers_json,
 };
 use super::*;
 use crate::config::SqliteSync;
@@ -454,18 +454,20 @@ impl QueueStore for SqliteStore {
         Ok(())
     }
 
-    async fn heartbeat(&self, instance: &str) -> StoreResult<()> {
+    async fn heartbeat(&self, instance: &str, providers: &[String]) -> StoreResult<()> {
         let instance = instance.to_owned();
+        let providers = providers_json(providers);
         // The first beat of this process records the instance's (re)start.
         let starting = !self.started.load(std::sync::atomic::Ordering::Acquire);
         self.writer
             .write(move |conn| {
                 conn.prepare_cached(
-                    "INSERT INTO instances (id, started_at, heartbeat_at) VALUES (?1, ?2, ?2) \
+                    "INSERT INTO instances (id, started_at, heartbeat_at, providers) VALUES (?1, ?2, ?2, ?4) \
                      ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, \
+                     providers = excluded.providers, \
                      started_at = CASE WHEN ?3 THEN excluded.started_at ELSE instances.started_at END",
                 )?
-                .execute(params![instance, now_ms(), starting])?;
+                .execute(params![instance, now_ms(), starting, providers])?;
                 Ok(())
             })
             .await?;
@@ -476,7 +478,7 @@ impl QueueStore for SqliteStore {
 
     async fn instances(&self, since_ms: i64) -> StoreResult<Vec<InstanceInfo>> {
         let rows: Vec<InstanceRow> =
-            sqlx::query_as("SELECT id, started_at, heartbeat_at FROM instances WHERE heartbeat_at > ?1 ORDER BY id")
+            sqlx::query_as("SELECT id, started_at, heartbeat_at, providers FROM instances WHERE heartbeat_at > ?1 ORDER BY id")
                 .bind(since_ms)
                 .fetch_all(&self.readers)
                 .await?;

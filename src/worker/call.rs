@@ -248,8 +248,8 @@ async fn settle(
                 .router
                 .breaker_for(&cfg.name)
                 .map(|b| (b.failure_threshold, (b.recovery_time_s * 1000.0) as i64));
-            // No retry on a provider a reload removed meanwhile: no pool would lease it.
-            let removed = shared.planner.provider(&cfg.name).is_none();
+            // No retry on a provider removed meanwhile: no pool would lease it.
+            let removed = shared.is_removed(&cfg.name);
             let ctx = policy::Context {
                 job: &job,
                 now,

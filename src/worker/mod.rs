@@ -15,7 +15,7 @@ mod rescuer;
 mod slots;
 pub mod streams;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -56,7 +56,10 @@ pub struct Shared {
     /// start their call directly (`direct`).
     pub slots: CallSlots,
     /// Providers whose pool runs on this instance.
-    pub pools: Mutex<std::collections::BTreeSet<String>>,
+    pub pools: Mutex<BTreeSet<String>>,
+    /// Providers the other live instances have in their config (as of their heartbeats):
+    /// one this instance's config lacks is still served while another has it.
+    pub peer_providers: RwLock<BTreeSet<String>>,
     /// Requests between "insert" and "committed" now (see `direct`).
     pub accepting: std::sync::atomic::AtomicUsize,
 }
@@ -75,16 +78,27 @@ impl Shared {
         }
     }
 
-    /// `until` (when providers can take calls again) with every one of `providers` that a
-    /// config reload removed marked as never: jobs must not move onto them.
+    /// Whether no instance serves `provider` any more: it is not in this instance's config,
+    /// nor in that of any other live instance (a reload removed it, or it was gone at
+    /// start). Jobs queued on it would wait forever.
+    pub fn is_removed(&self, provider: &str) -> bool {
+        self.planner.provider(provider).is_none()
+            && !self
+                .peer_providers
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(provider)
+    }
+
+    /// `until` (when providers can take calls again) with every one of `providers` that is
+    /// removed (`is_removed`) marked as never: jobs must not move onto them.
     pub fn without_removed<'a>(
         &self,
         mut until: HashMap<String, i64>,
         providers: impl IntoIterator<Item = &'a String>,
     ) -> HashMap<String, i64> {
-        let plan = self.planner.current();
         for p in providers {
-            if plan.provider(p).is_none() {
+            if self.is_removed(p) {
                 until.insert(p.clone(), i64::MAX);
             }
         }

@@ -17,11 +17,11 @@ pub async fn run(shared: Arc<Shared>) {
             _ = hangup.next() => tracing::info!("SIGHUP: reading the config files"),
             _ = shared.stop_leasing.cancelled() => return,
         }
-        apply(&shared, shared.planner.reload_if_changed(&shared.settings));
+        apply(&shared, shared.planner.reload_if_changed(&shared.settings)).await;
     }
 }
 
-fn apply(shared: &Arc<Shared>, outcome: Reload) {
+async fn apply(shared: &Arc<Shared>, outcome: Reload) {
     match outcome {
         Reload::Unchanged => {}
         Reload::Rejected(e) => tracing::error!(
@@ -46,6 +46,8 @@ fn apply(shared: &Arc<Shared>, outcome: Reload) {
                 shared.signals.wake_pool(name);
             }
             tracing::info!(?added, ?removed, ?changed, "config reloaded");
+            // Other instances learn now which providers this one has.
+            super::rescuer::heartbeat(shared).await;
         }
     }
 }

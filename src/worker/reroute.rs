@@ -33,7 +33,7 @@ pub async fn reroute(shared: &Shared, provider: &str) -> usize {
             return 0;
         }
     };
-    let removed = shared.planner.provider(provider).is_none();
+    let removed = shared.is_removed(provider);
     let unavailable = shared.without_removed(unavailable, jobs.iter().flat_map(|j| &j.chain));
     let now = chrono::Utc::now().timestamp_millis();
     let mut moves = Vec::new();
@@ -83,9 +83,10 @@ pub async fn reroute(shared: &Shared, provider: &str) -> usize {
     }
 }
 
-/// A reload removed `provider`: moves every job queued on it on (or fails it).
+/// No instance serves `provider` any more (`Shared::is_removed`): moves every job queued
+/// on it on, or fails it.
 pub async fn drain_removed(shared: &Shared, provider: &str) {
-    while shared.planner.provider(provider).is_none() && reroute(shared, provider).await > 0 {}
+    while shared.is_removed(provider) && reroute(shared, provider).await > 0 {}
 }
 
 /// Every provider of the job's chain stays unavailable past its deadline: answer 429 now.

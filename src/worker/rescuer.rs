@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::Shared;
+use crate::config::DatabaseUrl;
 use crate::queue::RescueScope;
 
 pub async fn run(shared: Arc<Shared>) {
@@ -18,9 +19,7 @@ pub async fn run(shared: Arc<Shared>) {
             _ = tick.tick() => {}
             _ = shared.stop_leasing.cancelled() => return,
         }
-        if let Err(e) = shared.store.heartbeat(&shared.settings.instance_id).await {
-            tracing::warn!(error = %e, "heartbeat failed");
-        }
+        heartbeat(&shared).await;
         match shared.store.rescue(RescueScope::Expired).await {
             Ok(providers) => {
                 for p in &providers {
@@ -33,6 +32,18 @@ pub async fn run(shared: Arc<Shared>) {
         let depths = refresh(&shared).await;
         drain_unconfigured(&shared, &depths).await;
         purge_expired(&shared).await;
+    }
+}
+
+/// Tells the other instances this one is alive, and which providers it has.
+pub async fn heartbeat(shared: &Shared) {
+    let providers = shared.planner.current().provider_names();
+    if let Err(e) = shared
+        .store
+        .heartbeat(&shared.settings.instance_id, &providers)
+        .await
+    {
+        tracing::warn!(error = %e, "heartbeat failed");
     }
 }
 
@@ -78,14 +89,31 @@ async fn purge_expired(shared: &Shared) {
 /// gone from the files at start) would wait forever: they move on along their chains.
 async fn drain_unconfigured(shared: &Shared, depths: &[(String, i64)]) {
     for (provider, n) in depths {
-        if *n > 0 && shared.planner.provider(provider).is_none() {
+        if *n > 0 && shared.is_removed(provider) {
             super::reroute::drain_removed(shared, provider).await;
         }
     }
 }
 
-/// Reads provider availability and queue depths into memory; returns the depths.
+/// Reads provider availability, the providers other live instances have, and queue
+/// depths into memory; returns the depths.
 pub async fn refresh(shared: &Shared) -> Vec<(String, i64)> {
+    let live_since = chrono::Utc::now().timestamp_millis()
+        - 3 * i64::try_from(shared.settings.lease.as_millis()).unwrap_or(30_000);
+    // Only one process can open a SQLite file: rows of other instances are of dead ones.
+    let shared_db = matches!(shared.settings.database_url, DatabaseUrl::Postgres(_));
+    if shared_db && let Ok(instances) = shared.store.instances(live_since).await {
+        let me = &shared.settings.instance_id;
+        let theirs = instances
+            .into_iter()
+            .filter(|i| &i.id != me)
+            .flat_map(|i| i.providers)
+            .collect();
+        *shared
+            .peer_providers
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = theirs;
+    }
     if let Ok(states) = shared.store.provider_states().await {
         shared.availability.replace(&states);
         shared.telemetry.provider_states(&states);

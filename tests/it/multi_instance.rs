@@ -167,6 +167,58 @@ async fn concurrency_holds_across_instances_and_is_used() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_one_instance_dropped_from_its_config_is_still_served_by_the_other() {
+    let db = TestDb::create().await;
+    let (fake, spare) = (FakeOpenAi::start().await, FakeOpenAi::start().await);
+    fake.set_latency(Duration::from_millis(700));
+    let mut c = Cluster::new(&db);
+    for _ in 0..2 {
+        c.start(&fake, "rpm = 10000\nconcurrency = 1", 3).await;
+    }
+    let mut ids = vec![];
+    for i in 0..4 {
+        ids.push(c.submit(0, &format!("job {i}")).await);
+    }
+    // node-1's config loses `up` (a rolling change, or an edit on one host only).
+    let config = c.dir.path().join("node-1/config");
+    std::fs::write(
+        config.join("providers.toml"),
+        openai_provider("spare", &spare.base_url(), ""),
+    )
+    .unwrap();
+    std::fs::write(config.join("router.yaml"), router_yaml(&["spare"], "")).unwrap();
+    let instances = async || -> Value {
+        let health: Value = c
+            .http
+            .get(format!("{}/healthz", c.nodes[0].url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        health["instances"].clone()
+    };
+    wait_until(
+        "node-1 shows its new providers",
+        Duration::from_secs(10),
+        async || instances().await[1]["providers"] == serde_json::json!(["spare"]),
+    )
+    .await;
+    assert_eq!(instances().await[0]["providers"], serde_json::json!(["up"]));
+
+    let jobs = c.wait_all(0, &ids, Duration::from_secs(30)).await;
+    for j in &jobs {
+        assert_eq!(
+            (j["status"].as_str(), j["provider"].as_str()),
+            (Some("succeeded"), Some("up")),
+            "node-0 still serves `up`: {j}"
+        );
+    }
+    assert_eq!((fake.call_count(), spare.call_count()), (4, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rpm_holds_across_instances_and_is_used() {
     let db = TestDb::create().await;
     let fake = FakeOpenAi::start().await;

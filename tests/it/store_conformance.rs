@@ -1342,16 +1342,19 @@ async fn purge_finished_jobs(store: Store) {
 
 async fn heartbeats_and_instances(store: Store) {
     let now = store.now_ms().await.unwrap();
-    store.heartbeat("b").await.unwrap();
-    store.heartbeat("a").await.unwrap();
+    store.heartbeat("b", &[]).await.unwrap();
+    store.heartbeat("a", &[]).await.unwrap();
     let live = store.instances(now - 1).await.unwrap();
     let ids: Vec<&str> = live.iter().map(|i| i.id.as_str()).collect();
     assert_eq!(ids, vec!["a", "b"]);
     let first = live[0].clone();
     assert!(first.started_at >= now && first.heartbeat_at >= first.started_at);
     tokio::time::sleep(Duration::from_millis(5)).await;
-    store.heartbeat("a").await.unwrap();
+    let providers = ["x".to_string(), "y, z".to_string()];
+    store.heartbeat("a", &providers).await.unwrap();
     let again = store.instances(now - 1).await.unwrap();
+    assert_eq!(again[0].providers, providers, "each beat says which providers");
+    assert!(again[1].providers.is_empty());
     assert_eq!(again[0].started_at, first.started_at);
     assert!(again[0].heartbeat_at > first.heartbeat_at);
     let later = store.now_ms().await.unwrap() + 60_000;
@@ -1382,15 +1385,15 @@ async fn postgres_news_only_while_another_instance_is_there() {
     let now = store.now_ms().await.unwrap();
 
     // The first beat announces the instance, whoever listens.
-    store.heartbeat("me").await.unwrap();
+    store.heartbeat("me", &[]).await.unwrap();
     assert_eq!(next_news(&mut heard).await.as_deref(), Some("instance:me"));
     // Alone: queued work is not announced.
     store.insert_job(&job("alone", &["a"], now)).await.unwrap();
     assert_eq!(next_news(&mut heard).await, None);
 
     // Another instance beats: news again.
-    store.heartbeat("other").await.unwrap();
-    store.heartbeat("me").await.unwrap();
+    store.heartbeat("other", &[]).await.unwrap();
+    store.heartbeat("me", &[]).await.unwrap();
     store.insert_job(&job("seen", &["a"], now)).await.unwrap();
     assert_eq!(next_news(&mut heard).await.as_deref(), Some("a"));
 
@@ -1399,7 +1402,7 @@ async fn postgres_news_only_while_another_instance_is_there() {
         .execute(&mut sqlx::PgConnection::connect(&db.url).await.unwrap())
         .await
         .unwrap();
-    store.heartbeat("me").await.unwrap();
+    store.heartbeat("me", &[]).await.unwrap();
     store.insert_job(&job("alone2", &["a"], now)).await.unwrap();
     assert_eq!(next_news(&mut heard).await, None);
 

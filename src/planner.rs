@@ -58,7 +58,11 @@ pub enum Reload {
     Loaded {
         added: Vec<String>,
         removed: Vec<String>,
+        /// Providers whose settings changed.
         changed: Vec<String>,
+        /// Those of `changed` that now call another upstream (type, base_url, model or
+        /// auth_env changed).
+        new_upstream: Vec<String>,
     },
     /// The files changed but are not valid together; the old configuration stays.
     Rejected(ConfigError),
@@ -136,9 +140,26 @@ impl Planner {
         let new: BTreeSet<&String> = plan.providers.keys().collect();
         let added = new.difference(&old).map(|s| s.to_string()).collect();
         let removed = old.difference(&new).map(|s| s.to_string()).collect();
+        let both = |n: &&&String| {
+            (
+                current.providers[**n].config(),
+                plan.providers[**n].config(),
+            )
+        };
         let changed = new
             .intersection(&old)
-            .filter(|n| current.providers[**n].config() != plan.providers[**n].config())
+            .filter(|n| {
+                let (was, is) = both(n);
+                was != is
+            })
+            .map(|s| s.to_string())
+            .collect();
+        let new_upstream = new
+            .intersection(&old)
+            .filter(|n| {
+                let (was, is) = both(n);
+                !was.same_upstream(is)
+            })
             .map(|s| s.to_string())
             .collect();
         *current = Arc::new(plan);
@@ -147,6 +168,7 @@ impl Planner {
             added,
             removed,
             changed,
+            new_upstream,
         }
     }
 }
@@ -191,7 +213,8 @@ mod tests {
             Reload::Loaded {
                 added: vec!["b".into()],
                 removed: vec![],
-                changed: vec![]
+                changed: vec![],
+                new_upstream: vec![],
             }
         );
         let second = planner.current();
@@ -203,11 +226,26 @@ mod tests {
         assert!(second.loaded_at >= first.loaded_at);
 
         write(dir.path(), &AB.replace("rpm = 10", "rpm = 20"), TO_B);
-        let Reload::Loaded { changed, .. } = planner.reload_if_changed(&s) else {
+        let Reload::Loaded {
+            changed,
+            new_upstream,
+            ..
+        } = planner.reload_if_changed(&s)
+        else {
             panic!("not reloaded");
         };
-        assert_eq!(changed, ["a"]);
+        assert_eq!((changed, new_upstream), (vec!["a".to_string()], vec![]));
         assert_eq!(planner.provider("a").unwrap().config().rpm, 20);
+
+        write(
+            dir.path(),
+            &AB.replace("model = \"m\"\nrpm", "model = \"m2\"\nrpm"),
+            TO_B,
+        );
+        let Reload::Loaded { new_upstream, .. } = planner.reload_if_changed(&s) else {
+            panic!("not reloaded");
+        };
+        assert_eq!(new_upstream, ["a"]);
     }
 
     #[test]

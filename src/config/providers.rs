@@ -138,6 +138,13 @@ pub struct ProviderConfig {
 }
 
 impl ProviderConfig {
+    /// Whether `other` calls the same upstream with the same key: what one learned of
+    /// the upstream (cool-downs, failures) holds for the other.
+    pub fn same_upstream(&self, other: &ProviderConfig) -> bool {
+        (self.kind, &self.base_url, &self.model, &self.auth_env)
+            == (other.kind, &other.base_url, &other.model, &other.auth_env)
+    }
+
     /// The secret named by `auth_env`, read at call time so that it never sits in config dumps.
     pub fn api_key(&self) -> Option<String> {
         self.auth_env

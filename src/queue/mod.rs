@@ -169,6 +169,11 @@ pub trait QueueStore: Send + Sync + 'static {
     /// Cool-down and breaker state of every provider that has any.
     async fn provider_states(&self) -> StoreResult<Vec<ProviderState>>;
 
+    /// Forgets a provider's cool-down, failure count and open breaker, and makes the jobs
+    /// queued on it due now (they waited out a cool-down or back-off): its endpoint or key
+    /// changed, so what the old one did says nothing of the new.
+    async fn reset_provider_state(&self, provider: &str) -> StoreResult<()>;
+
     /// Jobs finished in `[from_ms, until_ms)`, oldest first, at most `limit` after `after_id`.
     async fn finished_jobs(
         &self,

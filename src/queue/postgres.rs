@@ -852,6 +852,28 @@ impl QueueStore for PostgresStore {
         Ok(rows.into_iter().map(ProviderState::from).collect())
     }
 
+    async fn reset_provider_state(&self, provider: &str) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "UPDATE provider_state SET cooldown_until = 0, consecutive_failures = 0, \
+             breaker_open_until = 0 WHERE provider = $1",
+        )
+        .bind(provider)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(concat!(
+            "UPDATE jobs SET run_at = ",
+            db_now!(),
+            " WHERE provider = $1 AND status = 'queued' AND run_at > ",
+            db_now!()
+        ))
+        .bind(provider)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     async fn finished_jobs(
         &self,
         from_ms: i64,

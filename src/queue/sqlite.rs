@@ -429,6 +429,25 @@ impl QueueStore for SqliteStore {
         Ok(rows.into_iter().map(ProviderState::from).collect())
     }
 
+    async fn reset_provider_state(&self, provider: &str) -> StoreResult<()> {
+        let provider = provider.to_owned();
+        self.writer
+            .write(move |conn| {
+                // One write, so one transaction (see `writer`).
+                conn.prepare_cached(
+                    "UPDATE provider_state SET cooldown_until = 0, consecutive_failures = 0, \
+                     breaker_open_until = 0 WHERE provider = ?1",
+                )?
+                .execute(params![provider])?;
+                conn.prepare_cached(
+                    "UPDATE jobs SET run_at = ?2 WHERE provider = ?1 AND status = 'queued' AND run_at > ?2",
+                )?
+                .execute(params![provider, now_ms()])?;
+                Ok(())
+            })
+            .await
+    }
+
     async fn finished_jobs(
         &self,
         from_ms: i64,

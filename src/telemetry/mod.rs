@@ -59,6 +59,15 @@ impl Telemetry {
 
     /// A config reload changed the providers: gauges list the new set.
     pub fn set_providers(&self, providers: Vec<String>) {
+        let gone: Vec<String> = self
+            .providers()
+            .into_iter()
+            .filter(|p| !providers.contains(p))
+            .collect();
+        for p in &gone {
+            // Not an error when it never had a value.
+            let _ = self.metrics.provider_cooldown.remove_label_values(&[p]);
+        }
         *self.providers.write().unwrap_or_else(|e| e.into_inner()) = providers;
         self.zero_cooldowns();
     }
@@ -142,7 +151,9 @@ impl Telemetry {
 
     pub fn provider_states(&self, states: &[ProviderState]) {
         let now = chrono::Utc::now().timestamp_millis();
-        for s in states {
+        let configured = self.providers();
+        // A provider no longer configured keeps its row but loses its gauge.
+        for s in states.iter().filter(|s| configured.contains(&s.provider)) {
             let left = (s.cooldown_until - now).max(0) as f64 / 1000.0;
             self.metrics
                 .provider_cooldown

@@ -138,6 +138,12 @@ impl Availability {
         }
     }
 
+    /// The provider's upstream changed: nothing known of the old one holds.
+    pub fn forget(&self, provider: &str) {
+        let mut map = self.until.write().unwrap_or_else(|e| e.into_inner());
+        map.remove(provider);
+    }
+
     pub fn extend(&self, provider: &str, until: i64) {
         let mut map = self.until.write().unwrap_or_else(|e| e.into_inner());
         let e = map.entry(provider.to_string()).or_insert(until);

@@ -31,21 +31,32 @@ async fn apply(shared: &Arc<Shared>, outcome: Reload) {
             added,
             removed,
             changed,
+            new_upstream,
         } => {
             let plan = shared.planner.current();
             for w in plan.config.warnings(&shared.settings.providers_file()) {
                 tracing::warn!("{w}");
             }
-            shared
-                .telemetry
-                .set_providers(plan.providers.keys().cloned().collect());
+            shared.telemetry.set_providers(plan.provider_names());
+            // A cool-down or open breaker of the old upstream must not hold back the new.
+            for name in &new_upstream {
+                match shared.store.reset_provider_state(name).await {
+                    Ok(()) => {
+                        shared.availability.forget(name);
+                        shared.telemetry.cooldown(name, 0);
+                    }
+                    Err(e) => {
+                        tracing::warn!(provider = %name, error = %e, "cannot reset the provider's cool-down")
+                    }
+                }
+            }
             start_pools(shared);
             // Pools read their provider at every lease; wake them so a changed limit or a
             // removal is seen now rather than after their nap.
             for name in removed.iter().chain(&changed) {
                 shared.signals.wake_pool(name);
             }
-            tracing::info!(?added, ?removed, ?changed, "config reloaded");
+            tracing::info!(?added, ?removed, ?changed, ?new_upstream, "config reloaded");
             // Other instances learn now which providers this one has.
             super::rescuer::heartbeat(shared).await;
         }

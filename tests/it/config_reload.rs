@@ -170,6 +170,21 @@ async fn an_added_provider_gets_a_pool_and_a_removed_one_hands_its_queue_on() {
     );
     let health = healthz(&app).await;
     assert_eq!(health["providers"], serde_json::json!(["b", "c"]));
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    // Gauges follow the providers; counters keep what a did.
+    assert!(
+        metrics.contains("orch_provider_cooldown{provider=\"c\"} 0"),
+        "{metrics}"
+    );
+    for gauge in [
+        "orch_provider_cooldown",
+        "orch_queue_depth",
+        "orch_jobs_running",
+    ] {
+        let of_a = format!("{gauge}{{provider=\"a\"}}");
+        assert!(!metrics.contains(&of_a), "{of_a} in {metrics}");
+    }
+    assert!(metrics.contains("orch_upstream_attempts_total{outcome=\"ok\",provider=\"a\"} 1"));
 }
 
 #[tokio::test]
@@ -308,4 +323,39 @@ async fn jobs_found_queued_on_a_provider_not_configured_move_on() {
     assert_eq!(stranded["status"], "failed", "{stranded}");
     assert_eq!(stranded["error"]["code"], "provider_removed", "{stranded}");
     assert_eq!(fb.call_count(), 1);
+}
+
+#[tokio::test]
+async fn a_provider_pointed_at_a_new_upstream_starts_without_the_old_cool_down() {
+    let (broken, healthy) = (FakeOpenAi::start().await, FakeOpenAi::start().await);
+    broken.set_fallback(Reply::rate_limited("60"));
+    let at = |url: &str| openai_provider("up", url, "");
+    let app = spawn_app(Options::new(
+        at(&broken.base_url()),
+        router_yaml(&["up"], ""),
+    ))
+    .await;
+    // The 429 puts `up` in a 60 s cool-down; the job waits it out in the queue.
+    let resp = app
+        .chat_with(user("waits"), &[("x-orch-async", "true")])
+        .await;
+    let waiting = req_id(&resp);
+    let end = Instant::now() + Duration::from_secs(5);
+    while broken.call_count() == 0 {
+        assert!(Instant::now() < end, "no call");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The operator points `up` at a working upstream: no waiting for the old one's 60 s.
+    edit_config(&app, &at(&healthy.base_url()), &router_yaml(&["up"], "")).await;
+    let job = app.wait_job(&waiting, Duration::from_secs(10)).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let resp = app.chat(user("new")).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!((broken.call_count(), healthy.call_count()), (1, 2));
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains("orch_provider_cooldown{provider=\"up\"} 0"),
+        "{metrics}"
+    );
 }

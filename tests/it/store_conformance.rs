@@ -1353,7 +1353,10 @@ async fn heartbeats_and_instances(store: Store) {
     let providers = ["x".to_string(), "y, z".to_string()];
     store.heartbeat("a", &providers).await.unwrap();
     let again = store.instances(now - 1).await.unwrap();
-    assert_eq!(again[0].providers, providers, "each beat says which providers");
+    assert_eq!(
+        again[0].providers, providers,
+        "each beat says which providers"
+    );
     assert!(again[1].providers.is_empty());
     assert_eq!(again[0].started_at, first.started_at);
     assert!(again[0].heartbeat_at > first.heartbeat_at);

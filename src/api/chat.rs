@@ -455,6 +455,14 @@ async fn open_stream(
             }
         }
     }
+    if first.is_none()
+        && matches!(phase, Phase::Streaming)
+        && let Ok(Some(job)) = app.shared.store.get_job(&job_id).await
+    {
+        // Committed before any chunk: the headers name the provider the job is on now (it
+        // may have moved since its accept), the best known before it answers.
+        headers = render::job_headers(&job);
+    }
     let state = SseState {
         app: app.clone(),
         job_id,

@@ -359,3 +359,38 @@ async fn a_provider_pointed_at_a_new_upstream_starts_without_the_old_cool_down()
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn a_stream_committed_before_its_first_chunk_names_the_provider_its_job_is_on() {
+    let (fa, fc) = (FakeOpenAi::start().await, FakeOpenAi::start().await);
+    fa.set_latency(Duration::from_millis(3000));
+    fc.set_latency(Duration::from_millis(3000));
+    let a = openai_provider("a", &fa.base_url(), "concurrency = 1");
+    let c = openai_provider("c", &fc.base_url(), "concurrency = 1");
+    let app = spawn_app(Options::new(a.clone() + &c, router_yaml(&["c", "a"], ""))).await;
+    // Both providers busy: c with one job, a with one sent to it by name.
+    app.chat_with(user("on c"), &[("x-orch-async", "true")])
+        .await;
+    let mut on_a = user("on a");
+    on_a["model"] = "a".into();
+    app.chat_with(on_a, &[("x-orch-async", "true")]).await;
+    let end = Instant::now() + Duration::from_secs(5);
+    while fa.in_flight() + fc.in_flight() < 2 {
+        assert!(Instant::now() < end, "both should be busy");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut streamed = user("stream");
+    streamed["stream"] = true.into();
+    let stream = app.chat(streamed);
+    let remove_c = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        edit_config(&app, &a, &router_yaml(&["a"], "")).await;
+    };
+    // c goes within the hold: the stream's job moves to a and waits there past the hold.
+    let (resp, _) = tokio::join!(stream, remove_c);
+    assert_eq!(resp.status(), 200);
+    assert_eq!(provider_of(&resp), "a");
+    let sse = Sse::read(resp).await;
+    assert!(sse.ends_with_done(), "{:?}", sse.json());
+    assert_eq!(fa.call_count(), 2);
+}

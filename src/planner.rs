@@ -75,6 +75,8 @@ pub struct Planner {
     seen: Mutex<Vec<Option<Vec<u8>>>>,
     last_error: Mutex<Option<String>>,
     watch: Vec<PathBuf>,
+    /// Counts the reloads taken, for those who must look again after one.
+    generation: tokio::sync::watch::Sender<u64>,
 }
 
 impl Planner {
@@ -88,6 +90,7 @@ impl Planner {
             seen: Mutex::new(seen),
             last_error: Mutex::new(None),
             watch,
+            generation: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -102,6 +105,17 @@ impl Planner {
     /// The adapter of `name` in the plan in force.
     pub fn provider(&self, name: &str) -> Option<Arc<dyn Provider>> {
         self.current().provider(name).cloned()
+    }
+
+    /// Changes with every reload taken, once `reload_done` says so.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    /// Tells the subscribers a reload was taken, once what goes with it is done (e.g.
+    /// the reset of a provider with a new upstream), so that what they see again is new.
+    pub fn reload_done(&self) {
+        self.generation.send_modify(|g| *g += 1);
     }
 
     pub fn watched(&self) -> &[PathBuf] {
@@ -163,6 +177,7 @@ impl Planner {
             .map(|s| s.to_string())
             .collect();
         *current = Arc::new(plan);
+        drop(current);
         *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
         Reload::Loaded {
             added,

@@ -17,6 +17,11 @@ const POLL: Duration = Duration::from_secs(1);
 
 pub async fn run(shared: Arc<Shared>, name: String) {
     let notify = shared.signals.pool(&name);
+    let mut wake = Wake {
+        notify: &notify,
+        stop: &shared.stop_leasing,
+        reloaded: shared.planner.subscribe(),
+    };
     tracing::debug!(provider = %name, "pool started");
 
     let wants_capacity = shared.signals.capacity_flag(&name);
@@ -33,7 +38,7 @@ pub async fn run(shared: Arc<Shared>, name: String) {
         wants_capacity.store(true, Ordering::Release);
         let free = slots.available_permits();
         if free == 0 {
-            nap(&notify, &shared.stop_leasing, POLL, true).await;
+            wake.nap(POLL, true).await;
             continue;
         }
         // Hold the slots while leasing: requests that start their own call (`direct`)
@@ -50,7 +55,7 @@ pub async fn run(shared: Arc<Shared>, name: String) {
             Err(e) => {
                 tracing::warn!(provider = %name, error = %e, "lease failed; retrying");
                 drop(reserved);
-                nap(&notify, &shared.stop_leasing, POLL, false).await;
+                wake.nap(POLL, false).await;
                 continue;
             }
         };
@@ -86,14 +91,14 @@ pub async fn run(shared: Arc<Shared>, name: String) {
                     // Nothing can run here for a while: send what waits on to the next hop.
                     reroute::reroute(&shared, &name).await;
                 }
-                nap(&notify, &shared.stop_leasing, until(t).min(POLL * 5), false).await
+                wake.nap(until(t).min(POLL * 5), false).await
             }
-            Some(Blocked::Concurrency) => nap(&notify, &shared.stop_leasing, POLL, true).await,
+            Some(Blocked::Concurrency) => wake.nap(POLL, true).await,
             None => {
                 // Nothing due: new work (or a retry coming due) wakes us, ended calls need not.
                 wants_capacity.store(false, Ordering::Release);
                 let wait = lease.next_due_at.map_or(POLL, |t| until(t).min(POLL));
-                nap(&notify, &shared.stop_leasing, wait, true).await
+                wake.nap(wait, true).await
             }
         }
     }
@@ -148,10 +153,23 @@ pub(super) fn start_call(
     });
 }
 
-async fn nap(notify: &Notify, stop: &CancellationToken, dur: Duration, wake_on_signal: bool) {
-    tokio::select! {
-        _ = tokio::time::sleep(dur) => {}
-        _ = notify.notified(), if wake_on_signal => {}
-        _ = stop.cancelled() => {}
+/// What ends a pool's nap early.
+struct Wake<'a> {
+    /// New work, freed budget (when the nap asks for it).
+    notify: &'a Notify,
+    stop: &'a CancellationToken,
+    /// A config reload: limits, the upstream or the provider itself may have changed,
+    /// which even a time-based block (cool-down, rpm window) must look at again.
+    reloaded: tokio::sync::watch::Receiver<u64>,
+}
+
+impl Wake<'_> {
+    async fn nap(&mut self, dur: Duration, wake_on_signal: bool) {
+        tokio::select! {
+            _ = tokio::time::sleep(dur) => {}
+            _ = self.notify.notified(), if wake_on_signal => {}
+            _ = self.reloaded.changed() => {}
+            _ = self.stop.cancelled() => {}
+        }
     }
 }

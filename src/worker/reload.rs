@@ -51,11 +51,9 @@ async fn apply(shared: &Arc<Shared>, outcome: Reload) {
                 }
             }
             start_pools(shared);
-            // Pools read their provider at every lease; wake them so a changed limit or a
-            // removal is seen now rather than after their nap.
-            for name in removed.iter().chain(&changed) {
-                shared.signals.wake_pool(name);
-            }
+            // Pools read their provider at every lease: wake them all, even from a
+            // cool-down's nap, so a changed limit, upstream or removal is seen now.
+            shared.planner.reload_done();
             tracing::info!(?added, ?removed, ?changed, ?new_upstream, "config reloaded");
             // Other instances learn now which providers this one has.
             super::rescuer::heartbeat(shared).await;

@@ -86,6 +86,11 @@ pub async fn reroute(shared: &Shared, provider: &str) -> usize {
 /// No instance serves `provider` any more (`Shared::is_removed`): moves every job queued
 /// on it on, or fails it.
 pub async fn drain_removed(shared: &Shared, provider: &str) {
+    // Judged on the other instances' latest heartbeats, not on the last upkeep's copy: one
+    // may have taken the provider up since.
+    if !super::rescuer::refresh_peers(shared).await {
+        return;
+    }
     while shared.is_removed(provider) && reroute(shared, provider).await > 0 {}
 }
 

@@ -95,25 +95,35 @@ async fn drain_unconfigured(shared: &Shared, depths: &[(String, i64)]) {
     }
 }
 
+/// Reads which providers the other live instances have (their last heartbeats) into
+/// memory. `false` when the database could not tell.
+pub async fn refresh_peers(shared: &Shared) -> bool {
+    // Only one process can open a SQLite file: rows of other instances are of dead ones.
+    if !matches!(shared.settings.database_url, DatabaseUrl::Postgres(_)) {
+        return true;
+    }
+    let live_since = chrono::Utc::now().timestamp_millis()
+        - 3 * i64::try_from(shared.settings.lease.as_millis()).unwrap_or(30_000);
+    let Ok(instances) = shared.store.instances(live_since).await else {
+        return false;
+    };
+    let me = &shared.settings.instance_id;
+    let theirs = instances
+        .into_iter()
+        .filter(|i| &i.id != me)
+        .flat_map(|i| i.providers)
+        .collect();
+    *shared
+        .peer_providers
+        .write()
+        .unwrap_or_else(|e| e.into_inner()) = theirs;
+    true
+}
+
 /// Reads provider availability, the providers other live instances have, and queue
 /// depths into memory; returns the depths.
 pub async fn refresh(shared: &Shared) -> Vec<(String, i64)> {
-    let live_since = chrono::Utc::now().timestamp_millis()
-        - 3 * i64::try_from(shared.settings.lease.as_millis()).unwrap_or(30_000);
-    // Only one process can open a SQLite file: rows of other instances are of dead ones.
-    let shared_db = matches!(shared.settings.database_url, DatabaseUrl::Postgres(_));
-    if shared_db && let Ok(instances) = shared.store.instances(live_since).await {
-        let me = &shared.settings.instance_id;
-        let theirs = instances
-            .into_iter()
-            .filter(|i| &i.id != me)
-            .flat_map(|i| i.providers)
-            .collect();
-        *shared
-            .peer_providers
-            .write()
-            .unwrap_or_else(|e| e.into_inner()) = theirs;
-    }
+    refresh_peers(shared).await;
     if let Ok(states) = shared.store.provider_states().await {
         shared.availability.replace(&states);
         shared.telemetry.provider_states(&states);

@@ -347,8 +347,9 @@ async fn a_provider_pointed_at_a_new_upstream_starts_without_the_old_cool_down()
     }
 
     // The operator points `up` at a working upstream: no waiting for the old one's 60 s.
+    // The pool naps up to 5 s in a cool-down; a reload wakes it at once.
     edit_config(&app, &at(&healthy.base_url()), &router_yaml(&["up"], "")).await;
-    let job = app.wait_job(&waiting, Duration::from_secs(10)).await;
+    let job = app.wait_job(&waiting, Duration::from_secs(3)).await;
     assert_eq!(job["status"], "succeeded", "{job}");
     let resp = app.chat(user("new")).await;
     assert_eq!(resp.status(), 200);

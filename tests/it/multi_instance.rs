@@ -166,6 +166,45 @@ async fn concurrency_holds_across_instances_and_is_used() {
     assert!(by_instance.len() >= 2, "{by_instance:?}");
 }
 
+impl Cluster {
+    /// Rewrites node `n`'s config files (it reloads them by itself).
+    fn write_config(&self, n: usize, providers: &str, router: &str) {
+        let config = self.dir.path().join(format!("node-{n}/config"));
+        std::fs::write(config.join("providers.toml"), providers).unwrap();
+        std::fs::write(config.join("router.yaml"), router).unwrap();
+    }
+
+    /// The providers node `of` has, as node `via` sees them in `/healthz`.
+    async fn providers_of(&self, via: usize, of: usize) -> Value {
+        let health: Value = self
+            .http
+            .get(format!("{}/healthz", self.nodes[via].url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let id = format!("node-{of}");
+        let instances = health["instances"].as_array().cloned().unwrap_or_default();
+        instances
+            .into_iter()
+            .find(|i| i["id"] == id.as_str())
+            .map_or(Value::Null, |i| i["providers"].clone())
+    }
+
+    /// Waits until node `via` sees node `of` with exactly `providers`.
+    async fn wait_providers(&self, via: usize, of: usize, providers: &[&str]) {
+        let want = serde_json::json!(providers);
+        wait_until(
+            &format!("node-{of} shows {want}"),
+            Duration::from_secs(10),
+            async || self.providers_of(via, of).await == want,
+        )
+        .await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_one_instance_dropped_from_its_config_is_still_served_by_the_other() {
     let db = TestDb::create().await;
@@ -180,32 +219,10 @@ async fn a_provider_one_instance_dropped_from_its_config_is_still_served_by_the_
         ids.push(c.submit(0, &format!("job {i}")).await);
     }
     // node-1's config loses `up` (a rolling change, or an edit on one host only).
-    let config = c.dir.path().join("node-1/config");
-    std::fs::write(
-        config.join("providers.toml"),
-        openai_provider("spare", &spare.base_url(), ""),
-    )
-    .unwrap();
-    std::fs::write(config.join("router.yaml"), router_yaml(&["spare"], "")).unwrap();
-    let instances = async || -> Value {
-        let health: Value = c
-            .http
-            .get(format!("{}/healthz", c.nodes[0].url))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        health["instances"].clone()
-    };
-    wait_until(
-        "node-1 shows its new providers",
-        Duration::from_secs(10),
-        async || instances().await[1]["providers"] == serde_json::json!(["spare"]),
-    )
-    .await;
-    assert_eq!(instances().await[0]["providers"], serde_json::json!(["up"]));
+    let spare_only = openai_provider("spare", &spare.base_url(), "");
+    c.write_config(1, &spare_only, &router_yaml(&["spare"], ""));
+    c.wait_providers(0, 1, &["spare"]).await;
+    assert_eq!(c.providers_of(0, 0).await, serde_json::json!(["up"]));
 
     let jobs = c.wait_all(0, &ids, Duration::from_secs(30)).await;
     for j in &jobs {
@@ -216,6 +233,42 @@ async fn a_provider_one_instance_dropped_from_its_config_is_still_served_by_the_
         );
     }
     assert_eq!((fake.call_count(), spare.call_count()), (4, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_handed_from_one_instance_to_another_loses_no_queued_job() {
+    let db = TestDb::create().await;
+    let (fake, spare) = (FakeOpenAi::start().await, FakeOpenAi::start().await);
+    fake.set_latency(Duration::from_millis(500));
+    let mut c = Cluster::new(&db);
+    // A long lease: the instances' upkeep (and its copy of who has what) runs every 5 s.
+    for _ in 0..2 {
+        c.start(&fake, "rpm = 10000\nconcurrency = 1", 30).await;
+    }
+    let spare_only = openai_provider("spare", &spare.base_url(), "");
+    let both =
+        openai_provider("up", &fake.base_url(), "rpm = 10000\nconcurrency = 1") + &spare_only;
+    c.write_config(1, &spare_only, &router_yaml(&["spare"], ""));
+    c.wait_providers(0, 1, &["spare"]).await;
+    let mut ids = vec![];
+    for i in 0..4 {
+        ids.push(c.submit(0, &format!("job {i}")).await);
+    }
+    // node-1 takes `up` up, then node-0 lets it go: node-1 serves what waits.
+    c.write_config(1, &both, &router_yaml(&["up"], ""));
+    c.wait_providers(0, 1, &["spare", "up"]).await;
+    c.write_config(0, &spare_only, &router_yaml(&["spare"], ""));
+    c.wait_providers(1, 0, &["spare"]).await;
+
+    let jobs = c.wait_all(1, &ids, Duration::from_secs(30)).await;
+    for j in &jobs {
+        assert_eq!(
+            (j["status"].as_str(), j["provider"].as_str()),
+            (Some("succeeded"), Some("up")),
+            "{j}"
+        );
+    }
+    assert_eq!(spare.call_count(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -207,13 +207,7 @@ impl Cluster {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_one_instance_dropped_from_its_config_is_still_served_by_the_other() {
-    let db = TestDb::create().await;
-    let (fake, spare) = (FakeOpenAi::start().await, FakeOpenAi::start().await);
-    fake.set_latency(Duration::from_millis(700));
-    let mut c = Cluster::new(&db);
-    for _ in 0..2 {
-        c.start(&fake, "rpm = 10000\nconcurrency = 1", 3).await;
-    }
+    let (_db, fake, spare, c) = two_nodes_on_up(700, 3).await;
     let mut ids = vec![];
     for i in 0..4 {
         ids.push(c.submit(0, &format!("job {i}")).await);
@@ -224,27 +218,14 @@ async fn a_provider_one_instance_dropped_from_its_config_is_still_served_by_the_
     c.wait_providers(0, 1, &["spare"]).await;
     assert_eq!(c.providers_of(0, 0).await, serde_json::json!(["up"]));
 
-    let jobs = c.wait_all(0, &ids, Duration::from_secs(30)).await;
-    for j in &jobs {
-        assert_eq!(
-            (j["status"].as_str(), j["provider"].as_str()),
-            (Some("succeeded"), Some("up")),
-            "node-0 still serves `up`: {j}"
-        );
-    }
+    all_served_by_up(&c.wait_all(0, &ids, Duration::from_secs(30)).await);
     assert_eq!((fake.call_count(), spare.call_count()), (4, 0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_handed_from_one_instance_to_another_loses_no_queued_job() {
-    let db = TestDb::create().await;
-    let (fake, spare) = (FakeOpenAi::start().await, FakeOpenAi::start().await);
-    fake.set_latency(Duration::from_millis(500));
-    let mut c = Cluster::new(&db);
     // A long lease: the instances' upkeep (and its copy of who has what) runs every 5 s.
-    for _ in 0..2 {
-        c.start(&fake, "rpm = 10000\nconcurrency = 1", 30).await;
-    }
+    let (_db, fake, spare, c) = two_nodes_on_up(500, 30).await;
     let spare_only = openai_provider("spare", &spare.base_url(), "");
     let both =
         openai_provider("up", &fake.base_url(), "rpm = 10000\nconcurrency = 1") + &spare_only;
@@ -260,15 +241,35 @@ async fn a_provider_handed_from_one_instance_to_another_loses_no_queued_job() {
     c.write_config(0, &spare_only, &router_yaml(&["spare"], ""));
     c.wait_providers(1, 0, &["spare"]).await;
 
-    let jobs = c.wait_all(1, &ids, Duration::from_secs(30)).await;
-    for j in &jobs {
+    all_served_by_up(&c.wait_all(1, &ids, Duration::from_secs(30)).await);
+    assert_eq!(spare.call_count(), 0);
+}
+
+/// Two instances whose provider `up` (slow by `latency_ms`, one call at a time) is on the
+/// first fake; the second fake is `spare`, for configs without `up`.
+async fn two_nodes_on_up(
+    latency_ms: u64,
+    lease_secs: u32,
+) -> (TestDb, FakeOpenAi, FakeOpenAi, Cluster) {
+    let db = TestDb::create().await;
+    let (fake, spare) = (FakeOpenAi::start().await, FakeOpenAi::start().await);
+    fake.set_latency(Duration::from_millis(latency_ms));
+    let mut c = Cluster::new(&db);
+    for _ in 0..2 {
+        c.start(&fake, "rpm = 10000\nconcurrency = 1", lease_secs)
+            .await;
+    }
+    (db, fake, spare, c)
+}
+
+fn all_served_by_up(jobs: &[Value]) {
+    for j in jobs {
         assert_eq!(
             (j["status"].as_str(), j["provider"].as_str()),
             (Some("succeeded"), Some("up")),
             "{j}"
         );
     }
-    assert_eq!(spare.call_count(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

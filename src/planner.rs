@@ -154,28 +154,17 @@ impl Planner {
         let new: BTreeSet<&String> = plan.providers.keys().collect();
         let added = new.difference(&old).map(|s| s.to_string()).collect();
         let removed = old.difference(&new).map(|s| s.to_string()).collect();
-        let both = |n: &&&String| {
-            (
-                current.providers[**n].config(),
-                plan.providers[**n].config(),
-            )
-        };
-        let changed = new
-            .intersection(&old)
-            .filter(|n| {
-                let (was, is) = both(n);
-                was != is
-            })
-            .map(|s| s.to_string())
-            .collect();
-        let new_upstream = new
-            .intersection(&old)
-            .filter(|n| {
-                let (was, is) = both(n);
-                !was.same_upstream(is)
-            })
-            .map(|s| s.to_string())
-            .collect();
+        let (mut changed, mut new_upstream) = (Vec::new(), Vec::new());
+        for name in new.intersection(&old) {
+            let was = current.providers[*name].config();
+            let is = plan.providers[*name].config();
+            if was != is {
+                changed.push(name.to_string());
+            }
+            if !was.same_upstream(is) {
+                new_upstream.push(name.to_string());
+            }
+        }
         *current = Arc::new(plan);
         drop(current);
         *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;

@@ -24,11 +24,17 @@ impl CallSlots {
     /// permits at once, or fewer as soon as the running calls give theirs back.
     pub fn of(&self, provider: &str, concurrency: u32) -> Arc<Semaphore> {
         let mut map = self.by_provider.lock().unwrap_or_else(|e| e.into_inner());
-        let slots = map.entry(provider.to_string()).or_insert_with(|| Slots {
-            semaphore: Arc::new(Semaphore::new(concurrency as usize)),
-            concurrency,
-            owed: 0,
-        });
+        if !map.contains_key(provider) {
+            let slots = Slots {
+                semaphore: Arc::new(Semaphore::new(concurrency as usize)),
+                concurrency,
+                owed: 0,
+            };
+            map.insert(provider.to_string(), slots);
+        }
+        let Some(slots) = map.get_mut(provider) else {
+            unreachable!("inserted above")
+        };
         let (old, new) = (slots.concurrency as usize, concurrency as usize);
         if new > old {
             let more = new - old;

@@ -423,18 +423,11 @@ async fn open_stream(
         done: false,
     };
     let hold = STREAM_HOLD.min(app.shared.settings.sse_keepalive);
-    let mut headers = render::job_headers(&accepted_view(new));
     let mut first = None;
     let mut phase = Phase::Streaming;
     tokio::select! {
         biased;
-        ev = rx.recv() => {
-            // The job now runs on the provider that answers: name it in the headers.
-            if let Ok(Some(job)) = app.shared.store.get_job(&job_id).await {
-                headers = render::job_headers(&job);
-            }
-            first = ev;
-        }
+        ev = rx.recv() => first = ev,
         fin = watch.wait(hold) => {
             if let Ok(signalled) = fin {
                 let job = match signalled {
@@ -455,14 +448,24 @@ async fn open_stream(
             }
         }
     }
-    if first.is_none()
-        && matches!(phase, Phase::Streaming)
-        && let Ok(Some(job)) = app.shared.store.get_job(&job_id).await
-    {
-        // Committed before any chunk: the headers name the provider the job is on now (it
-        // may have moved since its accept), the best known before it answers.
-        headers = render::job_headers(&job);
-    }
+    // The headers name the provider the job is on now: the one that answered when the
+    // first chunk came or the job finished, else (still queued after the hold) the best
+    // known so far; it may have moved since its accept.
+    let now_on = match &phase {
+        Phase::Draining(job) => job.clone(),
+        _ => app
+            .shared
+            .store
+            .get_job(&job_id)
+            .await
+            .ok()
+            .flatten()
+            .map(Arc::new),
+    };
+    let headers = match now_on {
+        Some(job) => render::job_headers(&job),
+        None => render::job_headers(&accepted_view(new)),
+    };
     let state = SseState {
         app: app.clone(),
         job_id,

@@ -18,7 +18,7 @@ pub async fn healthz(State(app): State<AppState>) -> Response {
         Ok(Ok(()))
     );
     let settings = &shared.settings;
-    let live_since = chrono::Utc::now().timestamp_millis() - 3 * settings.lease.as_millis() as i64;
+    let live_since = settings.live_instances_since(chrono::Utc::now().timestamp_millis());
     let instances = if db_ok {
         shared.store.instances(live_since).await.unwrap_or_default()
     } else {

@@ -224,6 +224,12 @@ impl Settings {
         }
     }
 
+    /// Instances whose last heartbeat is older than this moment count as gone: three
+    /// leases without one (`/healthz` lists the others; only they can serve a provider).
+    pub fn live_instances_since(&self, now_ms: i64) -> i64 {
+        now_ms - 3 * i64::try_from(self.lease.as_millis()).unwrap_or(30_000)
+    }
+
     /// The providers file this process loads.
     pub fn providers_file(&self) -> PathBuf {
         let name = if self.use_dummy {

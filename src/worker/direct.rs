@@ -29,7 +29,8 @@ pub async fn insert_and_start(shared: &Arc<Shared>, job: &NewJob) -> StoreResult
         .and_then(|provider| {
             let cfg = provider.config();
             let permit = shared
-                .slots_of(name, cfg.concurrency)
+                .slots
+                .of(name, cfg.concurrency)
                 .try_acquire_owned()
                 .ok()?;
             let req = pool::lease_request(shared, name, cfg, 1);

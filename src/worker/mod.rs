@@ -65,11 +65,6 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// The call slots of `provider` on this instance (its `concurrency`).
-    pub fn slots_of(&self, provider: &str, concurrency: u32) -> Arc<tokio::sync::Semaphore> {
-        self.slots.of(provider, concurrency)
-    }
-
     /// Stops the in-flight call of a job on this instance, if there is one.
     pub fn abort_call(&self, job_id: &str) {
         let running = self.running.lock().unwrap_or_else(|e| e.into_inner());

@@ -33,7 +33,7 @@ pub async fn run(shared: Arc<Shared>, name: String) {
         };
         let cfg = provider.config();
         // Local cap: never hold more leases than the global concurrency allows.
-        let slots = shared.slots_of(&name, cfg.concurrency);
+        let slots = shared.slots.of(&name, cfg.concurrency);
         // Until this lease shows the queue drained, a call that ends should wake us.
         wants_capacity.store(true, Ordering::Release);
         let free = slots.available_permits();

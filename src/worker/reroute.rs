@@ -44,8 +44,7 @@ pub async fn reroute(shared: &Shared, provider: &str) -> usize {
         let next = next_available(&job, &unavailable, now).or_else(|| {
             removed
                 .then(|| {
-                    (job.hop + 1..job.chain.len())
-                        .find(|&i| unavailable.get(&job.chain[i]).is_none_or(|&t| t < i64::MAX))
+                    (job.hop + 1..job.chain.len()).find(|&i| !shared.is_removed(&job.chain[i]))
                 })
                 .flatten()
         });

@@ -29,6 +29,7 @@ pub async fn run(shared: Arc<Shared>) {
             }
             Err(e) => tracing::warn!(error = %e, "rescuer could not reach the database"),
         }
+        refresh_peers(&shared).await;
         let depths = refresh(&shared).await;
         drain_unconfigured(&shared, &depths).await;
         purge_expired(&shared).await;
@@ -102,8 +103,9 @@ pub async fn refresh_peers(shared: &Shared) -> bool {
     if !matches!(shared.settings.database_url, DatabaseUrl::Postgres(_)) {
         return true;
     }
-    let live_since = chrono::Utc::now().timestamp_millis()
-        - 3 * i64::try_from(shared.settings.lease.as_millis()).unwrap_or(30_000);
+    let live_since = shared
+        .settings
+        .live_instances_since(chrono::Utc::now().timestamp_millis());
     let Ok(instances) = shared.store.instances(live_since).await else {
         return false;
     };
@@ -120,10 +122,8 @@ pub async fn refresh_peers(shared: &Shared) -> bool {
     true
 }
 
-/// Reads provider availability, the providers other live instances have, and queue
-/// depths into memory; returns the depths.
+/// Reads provider availability and queue depths into memory; returns the depths.
 pub async fn refresh(shared: &Shared) -> Vec<(String, i64)> {
-    refresh_peers(shared).await;
     if let Ok(states) = shared.store.provider_states().await {
         shared.availability.replace(&states);
         shared.telemetry.provider_states(&states);

@@ -115,7 +115,7 @@ async fn an_idle_pool_holds_no_call_slots() {
         // The pool looks at the queue after each call, finds it empty and sleeps (for up
         // to 1 s) without holding a slot. With the bug it holds them all that while and
         // lets go only for an instant between two looks.
-        let slots = app.shared.slots_of("up", 3);
+        let slots = app.shared.slots.of("up", 3);
         let deadline = std::time::Instant::now() + Duration::from_millis(500);
         while slots.available_permits() < 3 && std::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;

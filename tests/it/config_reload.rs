@@ -283,12 +283,7 @@ async fn sighup_reads_the_config_at_once_and_does_not_stop_the_binary() {
         bin.child.try_wait().unwrap().is_none(),
         "SIGHUP stopped the gateway"
     );
-    let resp = http
-        .post(format!("{}/v1/chat/completions", bin.url))
-        .json(&user("after the hang-up"))
-        .send()
-        .await
-        .unwrap();
+    let resp = bin.chat(&user("after the hang-up")).await;
     assert_eq!(
         (resp.status().as_u16(), provider_of(&resp)),
         (200, "b".into())

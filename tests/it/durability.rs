@@ -109,12 +109,7 @@ async fn kill_9_loses_no_job_and_never_repeats_a_finished_one() {
     first.wait_ready(Duration::from_secs(20)).await;
 
     // One job finishes before the crash.
-    let done = http
-        .post(format!("{}/v1/chat/completions", first.url))
-        .json(&user("done before"))
-        .send()
-        .await
-        .unwrap();
+    let done = first.chat(&user("done before")).await;
     assert_eq!(done.status(), 200);
     let done_id = req_id(&done);
 
@@ -348,13 +343,7 @@ async fn metrics_export_reads_the_sqlite_file_while_the_gateway_serves() {
     let (dir, env) = solo_env(&fake);
     let bin = spawn_binary(dir.path(), &env, "log.txt");
     bin.wait_ready(Duration::from_secs(20)).await;
-    let http = reqwest::Client::new();
-    let resp = http
-        .post(format!("{}/v1/chat/completions", bin.url))
-        .json(&user("exported"))
-        .send()
-        .await
-        .unwrap();
+    let resp = bin.chat(&user("exported")).await;
     assert_eq!(resp.status(), 200);
     let id = req_id(&resp);
     let out = dir.path().join("export");
@@ -375,12 +364,7 @@ async fn metrics_export_reads_the_sqlite_file_while_the_gateway_serves() {
         .collect();
     assert!(written.contains(&id), "{written}");
     // The gateway still serves after the export.
-    let again = http
-        .post(format!("{}/v1/chat/completions", bin.url))
-        .json(&user("after"))
-        .send()
-        .await
-        .unwrap();
+    let again = bin.chat(&user("after")).await;
     assert_eq!(again.status(), 200);
 }
 

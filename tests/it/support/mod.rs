@@ -290,6 +290,16 @@ impl Binary {
         panic!("binary at {} did not become ready", self.url);
     }
 
+    /// `POST /v1/chat/completions` with `body`.
+    pub async fn chat(&self, body: &Value) -> reqwest::Response {
+        reqwest::Client::new()
+            .post(format!("{}/v1/chat/completions", self.url))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// Sends a signal (`TERM`, `HUP`, …) by name.
     pub fn signal(&self, name: &str) {
         let pid = self.child.id().to_string();

@@ -330,7 +330,7 @@ async fn wait_for_job(
                     timeout.as_secs()
                 ),
             )
-            .with_job(job_id));
+            .with_job_going_on(job_id));
         }
         let signalled = tokio::select! {
             biased;
@@ -363,7 +363,7 @@ async fn wait_for_job(
             return Err(ApiError::unavailable(format!(
                 "the gateway is shutting down; job {job_id} is kept and will complete: poll GET /v1/jobs/{job_id}"
             ))
-            .with_job(job_id));
+            .with_job_going_on(job_id));
         }
         watch.rearm();
     }

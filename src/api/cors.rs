@@ -17,7 +17,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::error::ApiError;
-use super::{HDR_FALLBACKS, HDR_PROVIDER, HDR_REQUEST_ID};
+use super::{HDR_FALLBACKS, HDR_PROVIDER, HDR_REQUEST_ID, HDR_SHOULD_RETRY};
 
 /// Request headers browsers may send, beyond the CORS-safelisted ones.
 const ALLOWED: &[&str] = &[
@@ -49,6 +49,7 @@ impl CorsPolicy {
             HDR_REQUEST_ID,
             HDR_PROVIDER,
             HDR_FALLBACKS,
+            HDR_SHOULD_RETRY,
             "retry-after",
             "location",
         ]

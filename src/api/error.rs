@@ -17,6 +17,8 @@ pub struct ApiError {
     pub param: Option<String>,
     pub retry_after: Option<u64>,
     pub job_id: Option<String>,
+    /// The job named by `job_id` is still queued or running and will finish by itself.
+    pub job_goes_on: bool,
 }
 
 impl ApiError {
@@ -29,6 +31,7 @@ impl ApiError {
             param: None,
             retry_after: None,
             job_id: None,
+            job_goes_on: false,
         }
     }
 
@@ -93,6 +96,13 @@ impl ApiError {
         self
     }
 
+    /// Names a job that was accepted and goes on without this answer (the wait ran out,
+    /// the gateway is stopping): its result is to be polled, not asked for again.
+    pub fn with_job_going_on(mut self, id: &str) -> Self {
+        self.job_goes_on = true;
+        self.with_job(id)
+    }
+
     /// The error body alone, for SSE error events and job records.
     pub fn body(&self) -> serde_json::Value {
         let mut err = json!({
@@ -122,6 +132,7 @@ impl From<&JobError> for ApiError {
             param: e.param.clone(),
             retry_after: e.retry_after,
             job_id: None,
+            job_goes_on: false,
         }
     }
 }
@@ -147,6 +158,13 @@ impl IntoResponse for ApiError {
             && let Ok(v) = HeaderValue::from_str(j)
         {
             resp.headers_mut().insert(super::HDR_REQUEST_ID, v);
+        }
+        // The OpenAI SDKs retry a 5xx by sending the request again (3 tries by default),
+        // and each retry would become a new job calling upstream while the first one
+        // still runs. They honour `x-should-retry: false`.
+        if self.job_goes_on {
+            resp.headers_mut()
+                .insert(super::HDR_SHOULD_RETRY, HeaderValue::from_static("false"));
         }
         resp
     }

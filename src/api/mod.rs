@@ -41,6 +41,8 @@ pub type AppState = Arc<AppInner>;
 pub const HDR_REQUEST_ID: &str = "x-orch-request-id";
 pub const HDR_PROVIDER: &str = "x-orch-provider";
 pub const HDR_FALLBACKS: &str = "x-orch-fallback-attempts";
+/// Read by the OpenAI SDKs before they retry an error answer.
+pub const HDR_SHOULD_RETRY: &str = "x-should-retry";
 
 pub fn router(state: AppState) -> Router {
     let settings = state.shared.settings.clone();

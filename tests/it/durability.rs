@@ -234,7 +234,8 @@ async fn sigterm_answers_requests_whose_calls_finish_within_the_grace_period() {
                 .await
                 .unwrap();
             let status = resp.status().as_u16();
-            (status, resp.json::<Value>().await.unwrap())
+            let retry = resp.headers().get("x-should-retry").cloned();
+            (status, retry, resp.json::<Value>().await.unwrap())
         })
     };
     let running = ask("in flight");
@@ -242,12 +243,13 @@ async fn sigterm_answers_requests_whose_calls_finish_within_the_grace_period() {
     let queued = ask("never started");
     tokio::time::sleep(Duration::from_millis(200)).await;
     let ((), running, queued) = tokio::join!(terminate(&mut bin), running, queued);
-    let (status, body) = running.unwrap();
+    let (status, _, body) = running.unwrap();
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["choices"][0]["message"]["content"], "fake:in flight");
-    let (status, body) = queued.unwrap();
+    let (status, retry, body) = queued.unwrap();
     assert_eq!(status, 503, "{body}");
     assert!(body["error"]["job_id"].is_string(), "{body}");
+    assert_eq!(retry.as_ref().and_then(|v| v.to_str().ok()), Some("false"));
     assert_eq!(
         fake.call_count(),
         1,

@@ -78,6 +78,8 @@ async fn every_provider_failing_gives_502_with_the_last_error() {
     ]);
     let resp = app.chat(user("doomed")).await;
     assert_eq!(resp.status(), 502);
+    // The job is over: a client's retry is a new try, which the SDKs may make.
+    assert!(resp.headers().get("x-should-retry").is_none());
     let id = req_id(&resp);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["type"], "provider_server_error");
@@ -342,6 +344,8 @@ async fn the_wait_running_out_is_a_504_with_the_job_id_and_the_job_goes_on() {
     let header_id = req_id(&resp);
     assert_eq!(resp.headers()["x-orch-provider"], "solo");
     assert_eq!(resp.headers()["x-orch-fallback-attempts"], "0");
+    // The SDKs' own retry would start a second job while this one runs.
+    assert_eq!(resp.headers()["x-should-retry"], "false");
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["type"], "timeout");
     let id = body["error"]["job_id"].as_str().unwrap();

@@ -48,6 +48,13 @@ pub fn request_line_id(job_id: &str) -> String {
     )
 }
 
+/// A JSONL file's text. A leading UTF-8 byte-order mark, which some Windows tools write,
+/// is not part of the first line.
+pub fn jsonl_text(content: &[u8]) -> Result<&str, std::str::Utf8Error> {
+    let text = std::str::from_utf8(content)?;
+    Ok(text.strip_prefix('\u{feff}').unwrap_or(text))
+}
+
 fn err(line: usize, code: &str, message: String, param: Option<&str>) -> LineError {
     LineError {
         code: code.into(),
@@ -63,7 +70,7 @@ pub fn parse(
     ctx: &BatchContext,
     content: &[u8],
 ) -> Result<Vec<NewJob>, Vec<LineError>> {
-    let Ok(text) = std::str::from_utf8(content) else {
+    let Ok(text) = jsonl_text(content) else {
         return Err(vec![LineError {
             code: "invalid_file".into(),
             message: "the input file is not UTF-8 text".into(),

@@ -120,7 +120,7 @@ fn parse_create(bytes: &[u8]) -> Result<CreateRequest, ApiError> {
     }
     let metadata = match body.get("metadata") {
         None | Some(Value::Null) => None,
-        Some(Value::Object(m)) => Some(m.clone()),
+        Some(Value::Object(m)) => Some(check_metadata(m)?.clone()),
         Some(_) => {
             return Err(ApiError::invalid(
                 "`metadata` must be an object",
@@ -132,6 +132,33 @@ fn parse_create(bytes: &[u8]) -> Result<CreateRequest, ApiError> {
         input_file_id,
         metadata,
     })
+}
+
+/// OpenAI's limits on `metadata`: at most 16 pairs, keys of at most 64 characters, values
+/// strings of at most 512. A client that passes here passes there too.
+fn check_metadata(
+    m: &serde_json::Map<String, Value>,
+) -> Result<&serde_json::Map<String, Value>, ApiError> {
+    let bad = |msg: String| Err(ApiError::invalid(msg, Some("metadata")));
+    if m.len() > 16 {
+        return bad(format!(
+            "`metadata` holds at most 16 pairs, got {}",
+            m.len()
+        ));
+    }
+    for (k, v) in m {
+        if k.chars().count() > 64 {
+            return bad(format!("`metadata` key `{k}` is longer than 64 characters"));
+        }
+        match v {
+            Value::String(v) if v.chars().count() > 512 => {
+                return bad(format!("`metadata.{k}` is longer than 512 characters"));
+            }
+            Value::String(_) => {}
+            _ => return bad(format!("`metadata.{k}` must be a string")),
+        }
+    }
+    Ok(m)
 }
 
 pub async fn create(

@@ -179,7 +179,7 @@ fn form_error(e: axum::extract::multipart::MultipartError) -> ApiError {
 /// contents are checked when a batch is created from the file (as OpenAI does).
 fn check_jsonl(content: &[u8]) -> Result<(), ApiError> {
     let bad = |msg: String| ApiError::invalid(msg, Some("file"));
-    let text = std::str::from_utf8(content)
+    let text = super::batch_lines::jsonl_text(content)
         .map_err(|e| bad(format!("the file is not JSONL: it is not UTF-8 text ({e})")))?;
     let mut lines = 0;
     for (i, line) in text.lines().enumerate() {

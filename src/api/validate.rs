@@ -140,8 +140,8 @@ fn check_messages(messages: Option<&Value>) -> Result<(), ApiError> {
                 Some(&format!("messages[{i}]")),
             ));
         };
-        match obj.get("role") {
-            Some(Value::String(r)) if ROLES.contains(&r.as_str()) => {}
+        let role = match obj.get("role") {
+            Some(Value::String(r)) if ROLES.contains(&r.as_str()) => r.as_str(),
             Some(Value::String(r)) => {
                 return Err(ApiError::invalid(
                     format!(
@@ -164,8 +164,16 @@ fn check_messages(messages: Option<&Value>) -> Result<(), ApiError> {
                     Some(&field("role")),
                 ));
             }
-        }
+        };
         match obj.get("content") {
+            // As OpenAI: only an assistant's turn (or a legacy function result) may come
+            // without content, e.g. when it holds only tool calls.
+            None | Some(Value::Null) if !matches!(role, "assistant" | "function") => {
+                return Err(ApiError::invalid(
+                    format!("`{}` is required for a `{role}` message", field("content")),
+                    Some(&field("content")),
+                ));
+            }
             None | Some(Value::Null | Value::String(_)) => {}
             Some(Value::Array(parts)) => {
                 for (j, p) in parts.iter().enumerate() {
@@ -238,6 +246,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(b["custom_thing"]["a"], 1);
+        // An assistant turn that only calls tools has no content.
+        chat_request(
+            br#"{"messages":[{"role":"user","content":"hi"},{"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function","function":{"name":"f","arguments":"{}"}}]},{"role":"tool","tool_call_id":"c1","content":"42"}]}"#,
+        )
+        .unwrap();
     }
 
     #[test]
@@ -259,6 +272,16 @@ mod tests {
                 .param
                 .as_deref(),
             Some("messages[0].role")
+        );
+        assert_eq!(
+            err(r#"{"messages":[{"role":"user"}]}"#).param.as_deref(),
+            Some("messages[0].content")
+        );
+        assert_eq!(
+            err(r#"{"messages":[{"role":"system","content":null}]}"#)
+                .param
+                .as_deref(),
+            Some("messages[0].content")
         );
         assert_eq!(
             err(r#"{"messages":[{"role":"user","content":5}]}"#)

@@ -673,6 +673,19 @@ async fn bad_uploads_and_bad_batches_name_the_problem() {
         (400, Some("completion_window"))
     );
     assert_eq!(api.get("/v1/batches/batch_nope").await.0, 404);
+    // `metadata` within OpenAI's limits: 16 pairs, keys of 64 characters, string values.
+    let many: serde_json::Map<String, Value> =
+        (0..17).map(|i| (format!("k{i}"), json!("v"))).collect();
+    for metadata in [
+        Value::Object(many),
+        json!({"k".repeat(65): "v"}),
+        json!({"k": "v".repeat(513)}),
+        json!({"k": 1}),
+    ] {
+        let (code, body) = api.create(&file, metadata).await;
+        assert_eq!(code, 400, "{body}");
+        assert_eq!(body["error"]["param"], "metadata", "{body}");
+    }
 
     // A file with bad lines fails the whole batch at validation, every line named.
     let bad = [
@@ -726,6 +739,28 @@ async fn bad_uploads_and_bad_batches_name_the_problem() {
         .get(&format!("/v1/batches/{}", failed["id"].as_str().unwrap()))
         .await;
     assert_eq!(again, failed);
+}
+
+#[tokio::test]
+async fn a_file_that_starts_with_a_byte_order_mark_runs() {
+    let providers = "[dummy_a]\ntype = \"dummy\"\nmodel = \"dummy-model\"\n";
+    let app = spawn_app(Options::new(providers, router_yaml(&["dummy_a"], ""))).await;
+    let api = Api::new(&app);
+    let file = api
+        .upload(&format!("\u{feff}{}", jsonl(&[line("a", "m", "hi")])))
+        .await;
+    let (code, batch) = api.create(&file, Value::Null).await;
+    assert_eq!(code, 200, "{batch}");
+    let (done, _) = api
+        .wait(
+            batch["id"].as_str().unwrap(),
+            &["completed", "failed"],
+            Duration::from_secs(10),
+        )
+        .await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let out = api.content(done["output_file_id"].as_str().unwrap()).await;
+    assert_eq!(out[0]["custom_id"], "a");
 }
 
 #[tokio::test]

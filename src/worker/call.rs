@@ -343,6 +343,12 @@ async fn settle(
         }
     }
     apply(&mut job, &fin, &shared.settings.instance_id);
+    if fin.effect.success == Some(false) && fin.effect.breaker.is_some() {
+        // The database counts the failures, so it alone knows whether this one opened the
+        // breaker: learn it before anyone hears of this attempt, so that the next request
+        // is routed past the provider rather than accepted for it and then moved on.
+        unavailable_now(shared).await;
+    }
     match &decision.transition {
         Transition::Requeue {
             provider, run_at, ..

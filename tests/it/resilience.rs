@@ -422,3 +422,61 @@ async fn jobs_queued_behind_a_429_with_nowhere_to_go_get_429_not_504() {
     assert!(body["error"]["retry_after"].as_u64().unwrap() > 100);
     assert_eq!(fake.call_count(), 2);
 }
+
+/// `a` (no retries) with a circuit breaker, then `b`, on DEFAULT.
+async fn breaker_on_a(threshold: u32, recovery_s: u32) -> (FakeOpenAi, FakeOpenAi, TestApp) {
+    let a = FakeOpenAi::start().await;
+    let b = FakeOpenAi::start().await;
+    let providers = openai_provider("a", &a.base_url(), "max_retries = 0")
+        + &openai_provider("b", &b.base_url(), "");
+    let router = format!(
+        "routes:\n  DEFAULT:\n    strategy: priority\n    targets:\n      - provider: a\n        \
+         circuit_breaker: {{failure_threshold: {threshold}, recovery_time_s: {recovery_s}}}\n      \
+         - provider: b\n"
+    );
+    (a, b, spawn_app(Options::new(providers, router)).await)
+}
+
+#[tokio::test]
+async fn an_open_breaker_is_skipped_from_the_next_request_on() {
+    let (a, b, app) = breaker_on_a(2, 60).await;
+    a.script([Reply::status(500), Reply::status(500), Reply::status(500)]);
+    // Two failures in a row open `a`'s breaker; each of those requests hops to `b`.
+    for i in 0..2 {
+        let resp = app.chat(user(&format!("fails on a {i}"))).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["x-orch-provider"], "b");
+        assert_eq!(resp.headers()["x-orch-fallback-attempts"], "1");
+    }
+    // From the very next request on, `a` is skipped at once: no call, no hop.
+    for i in 0..3 {
+        let resp = app.chat(user(&format!("skips a {i}"))).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["x-orch-provider"], "b");
+        assert_eq!(
+            resp.headers()["x-orch-fallback-attempts"],
+            "0",
+            "request {i}"
+        );
+        let job = app.job_of(&resp).await;
+        assert_eq!(outcomes(&job), ["ok"]);
+    }
+    assert_eq!((a.call_count(), b.call_count()), (2, 5));
+}
+
+#[tokio::test]
+async fn an_open_breaker_lets_the_provider_back_after_its_recovery_time() {
+    let (a, b, app) = breaker_on_a(1, 1).await;
+    a.script([Reply::status(500)]);
+    let resp = app.chat(user("opens it")).await;
+    assert_eq!(resp.headers()["x-orch-provider"], "b");
+    let resp = app.chat(user("while open")).await;
+    assert_eq!(resp.headers()["x-orch-provider"], "b");
+    assert_eq!(a.call_count(), 1);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let resp = app.chat(user("after recovery")).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-orch-provider"], "a");
+    assert_eq!(resp.headers()["x-orch-fallback-attempts"], "0");
+    assert_eq!((a.call_count(), b.call_count()), (2, 2));
+}

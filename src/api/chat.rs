@@ -422,13 +422,21 @@ async fn open_stream(
         job_id: job_id.clone(),
         done: false,
     };
-    let hold = STREAM_HOLD.min(app.shared.settings.sse_keepalive);
+    // A stream waits for its first chunk as long as a plain request waits for its answer.
+    let left_ms = new.deadline_at - chrono::Utc::now().timestamp_millis();
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_millis(u64::try_from(left_ms).unwrap_or(0));
+    let hold = STREAM_HOLD
+        .min(app.shared.settings.sse_keepalive)
+        .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
     let mut first = None;
     let mut phase = Phase::Streaming;
+    let mut held_out = false;
     tokio::select! {
         biased;
         ev = rx.recv() => first = ev,
         fin = watch.wait(hold) => {
+            held_out = fin.is_err();
             if let Ok(signalled) = fin {
                 let job = match signalled {
                     Some(j) => Some(j),
@@ -447,6 +455,11 @@ async fn open_stream(
                 }
             }
         }
+    }
+    if held_out && tokio::time::Instant::now() >= deadline {
+        // The wait ran out before the stream was committed: a real 504. Nobody will read
+        // this job's chunks, so the guard cancels it.
+        return stream_timeout(app, &job_id).into_response();
     }
     // The headers name the provider the job is on now: the one that answered when the
     // first chunk came or the job finished, else (still queued after the hold) the best
@@ -477,6 +490,7 @@ async fn open_stream(
         guard,
         phase,
         sent: false,
+        deadline,
     };
     let mut resp = Sse::new(sse_events(state))
         .keep_alive(
@@ -494,6 +508,8 @@ enum Next {
     Event(Option<StreamEvent>),
     Finished(Result<crate::queue::signals::Finished, ()>),
     Shutdown,
+    /// The wait for the first chunk ran out.
+    Deadline,
 }
 
 /// What the SSE stream still has to do.
@@ -517,6 +533,21 @@ struct SseState {
     phase: Phase,
     /// A chunk reached the client.
     sent: bool,
+    /// When the wait for the first chunk runs out (`ORCH_REQUEST_TIMEOUT_SECONDS`).
+    deadline: tokio::time::Instant,
+}
+
+/// The answer to a stream whose first chunk did not come within the request timeout.
+fn stream_timeout(app: &AppState, job_id: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::GATEWAY_TIMEOUT,
+        "timeout",
+        format!(
+            "the stream did not start within {}s; its job is cancelled",
+            app.shared.settings.request_timeout.as_secs()
+        ),
+    )
+    .with_job(job_id)
 }
 
 fn sse_events(state: SseState) -> impl Stream<Item = Result<Event, Infallible>> {
@@ -534,6 +565,9 @@ fn sse_events(state: SseState) -> impl Stream<Item = Result<Event, Infallible>> 
                             // A stream still waiting for its first chunk would hold the
                             // shutdown up to its deadline: end it (its job is cancelled).
                             _ = s.app.shutting_down.cancelled(), if !s.sent => Next::Shutdown,
+                            // Keep-alives would keep an SDK's read timeout from ever firing:
+                            // a stream whose job never starts must end by itself.
+                            _ = tokio::time::sleep_until(s.deadline), if !s.sent => Next::Deadline,
                         },
                     };
                     match next {
@@ -549,6 +583,12 @@ fn sse_events(state: SseState) -> impl Stream<Item = Result<Event, Infallible>> 
                                 "the gateway is shutting down before this stream started; retry",
                             );
                             let body = err.with_job(&s.job_id).body();
+                            return Some((Ok(Event::default().data(body.to_string())), s));
+                        }
+                        Next::Deadline => {
+                            // The guard, not done, cancels the job when the stream ends.
+                            s.phase = Phase::Ended;
+                            let body = stream_timeout(&s.app, &s.job_id).body();
                             return Some((Ok(Event::default().data(body.to_string())), s));
                         }
                         Next::Event(Some(StreamEvent::Error(e))) => {

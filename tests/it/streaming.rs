@@ -285,23 +285,7 @@ async fn client_disconnect_cancels_the_job_and_the_upstream_call() {
 
 #[tokio::test]
 async fn queued_streams_send_keep_alives() {
-    let fake = Fake::anthropic().await;
-    let app = spawn_app(
-        Options::new(
-            provider(
-                "an",
-                "anthropic",
-                &fake.base_url(),
-                "rpm = 1\nconcurrency = 1",
-            ),
-            router_yaml(&["an"], ""),
-        )
-        .env("ORCH_SSE_KEEPALIVE_SECONDS", "1"),
-    )
-    .await;
-    // The only call of this minute.
-    let first = Sse::read(app.chat(streamed("first", false)).await).await;
-    assert!(first.ends_with_done());
+    let (fake, app) = one_call_a_minute("600").await;
     // The second waits in the queue: the client sees headers, then comments.
     let mut resp = app.chat(streamed("second", false)).await;
     assert_eq!(resp.status(), 200);
@@ -319,6 +303,64 @@ async fn queued_streams_send_keep_alives() {
     assert_eq!(job["status"], "queued");
     // Hanging up while queued cancels the job; it never reaches the upstream.
     drop(resp);
+    let job = app.wait_job(&job_id, Duration::from_secs(10)).await;
+    assert_eq!(job["status"], "cancelled");
+    assert_eq!(fake.call_count(), 1);
+}
+
+/// An app on one Anthropic fake that allows one call a minute, with `timeout_s` as the
+/// request timeout, whose minute is already used by a stream: the next one waits.
+async fn one_call_a_minute(timeout_s: &str) -> (Fake, TestApp) {
+    let fake = Fake::anthropic().await;
+    let app = spawn_app(
+        Options::new(
+            provider("an", "anthropic", &fake.base_url(), "rpm = 1"),
+            router_yaml(&["an"], ""),
+        )
+        .env("ORCH_SSE_KEEPALIVE_SECONDS", "1")
+        .env("ORCH_REQUEST_TIMEOUT_SECONDS", timeout_s),
+    )
+    .await;
+    let first = Sse::read(app.chat(streamed("first", false)).await).await;
+    assert!(first.ends_with_done());
+    (fake, app)
+}
+
+#[tokio::test]
+async fn a_stream_that_never_starts_ends_with_a_timeout_at_the_request_timeout() {
+    let (fake, app) = one_call_a_minute("3").await;
+    let started = Instant::now();
+    let mut resp = app.chat(streamed("second", false)).await;
+    // Committed after the 2 s hold, with keep-alives...
+    assert_eq!(resp.status(), 200);
+    let job_id = req_id(&resp);
+    let mut got = String::new();
+    while let Some(bytes) = resp.chunk().await.unwrap() {
+        got.push_str(&String::from_utf8_lossy(&bytes));
+    }
+    // ...then ended by itself at the deadline, with an error the SDKs raise.
+    assert!(started.elapsed() >= Duration::from_millis(2900), "{got}");
+    let data: Vec<&str> = got
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(data.len(), 1, "{got}");
+    let err: Value = serde_json::from_str(data[0]).unwrap();
+    assert_eq!(err["error"]["type"], "timeout", "{err}");
+    assert_eq!(err["error"]["job_id"], job_id.as_str());
+    let job = app.wait_job(&job_id, Duration::from_secs(10)).await;
+    assert_eq!(job["status"], "cancelled");
+    assert_eq!(fake.call_count(), 1);
+}
+
+#[tokio::test]
+async fn a_stream_whose_timeout_ends_before_the_hold_gets_a_504() {
+    let (fake, app) = one_call_a_minute("1").await;
+    let resp = app.chat(streamed("second", false)).await;
+    assert_eq!(resp.status(), 504);
+    let job_id = req_id(&resp);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "timeout", "{body}");
     let job = app.wait_job(&job_id, Duration::from_secs(10)).await;
     assert_eq!(job["status"], "cancelled");
     assert_eq!(fake.call_count(), 1);

@@ -424,7 +424,7 @@ async fn open_stream(
     };
     // A stream waits for its first chunk as long as a plain request waits for its answer.
     let left_ms = new.deadline_at - chrono::Utc::now().timestamp_millis();
-    let deadline =
+    let mut deadline =
         tokio::time::Instant::now() + Duration::from_millis(u64::try_from(left_ms).unwrap_or(0));
     let hold = STREAM_HOLD
         .min(app.shared.settings.sse_keepalive)
@@ -457,9 +457,12 @@ async fn open_stream(
         }
     }
     if held_out && tokio::time::Instant::now() >= deadline {
-        // The wait ran out before the stream was committed: a real 504. Nobody will read
-        // this job's chunks, so the guard cancels it.
-        return stream_timeout(app, &job_id).into_response();
+        if still_queued(app, &job_id).await {
+            // The wait ran out before the stream was committed: a real 504. Nobody will
+            // read this job's chunks, so the guard cancels it.
+            return stream_timeout(app, &job_id).into_response();
+        }
+        deadline = tokio::time::Instant::now() + SAFETY_POLL;
     }
     // The headers name the provider the job is on now: the one that answered when the
     // first chunk came or the job finished, else (still queued after the hold) the best
@@ -533,17 +536,28 @@ struct SseState {
     phase: Phase,
     /// A chunk reached the client.
     sent: bool,
-    /// When the wait for the first chunk runs out (`ORCH_REQUEST_TIMEOUT_SECONDS`).
+    /// When the wait for the first chunk runs out (`ORCH_REQUEST_TIMEOUT_SECONDS`), or,
+    /// past it, when to look again whether the job is back in the queue.
     deadline: tokio::time::Instant,
 }
 
-/// The answer to a stream whose first chunk did not come within the request timeout.
+/// Whether a stream's job still waits in the queue. Past the deadline only such a job is
+/// given up: a call already running goes on (its provider's `timeout_s` bounds it), as
+/// the upstream has started on it.
+async fn still_queued(app: &AppState, job_id: &str) -> bool {
+    matches!(
+        app.shared.store.get_job(job_id).await,
+        Ok(Some(job)) if job.status == JobStatus::Queued
+    )
+}
+
+/// The answer to a stream whose job was still queued at the request timeout.
 fn stream_timeout(app: &AppState, job_id: &str) -> ApiError {
     ApiError::new(
         StatusCode::GATEWAY_TIMEOUT,
         "timeout",
         format!(
-            "the stream did not start within {}s; its job is cancelled",
+            "the stream's job was still queued after {}s; it is cancelled",
             app.shared.settings.request_timeout.as_secs()
         ),
     )
@@ -566,7 +580,7 @@ fn sse_events(state: SseState) -> impl Stream<Item = Result<Event, Infallible>> 
                             // shutdown up to its deadline: end it (its job is cancelled).
                             _ = s.app.shutting_down.cancelled(), if !s.sent => Next::Shutdown,
                             // Keep-alives would keep an SDK's read timeout from ever firing:
-                            // a stream whose job never starts must end by itself.
+                            // a stream whose job never leaves the queue must end by itself.
                             _ = tokio::time::sleep_until(s.deadline), if !s.sent => Next::Deadline,
                         },
                     };
@@ -586,10 +600,15 @@ fn sse_events(state: SseState) -> impl Stream<Item = Result<Event, Infallible>> 
                             return Some((Ok(Event::default().data(body.to_string())), s));
                         }
                         Next::Deadline => {
-                            // The guard, not done, cancels the job when the stream ends.
-                            s.phase = Phase::Ended;
-                            let body = stream_timeout(&s.app, &s.job_id).body();
-                            return Some((Ok(Event::default().data(body.to_string())), s));
+                            if still_queued(&s.app, &s.job_id).await {
+                                // The guard, not done, cancels the job when the stream ends.
+                                s.phase = Phase::Ended;
+                                let body = stream_timeout(&s.app, &s.job_id).body();
+                                return Some((Ok(Event::default().data(body.to_string())), s));
+                            }
+                            // Running (or just ended: its signal is on the way): look again
+                            // later, in case it goes back to the queue for a retry.
+                            s.deadline = tokio::time::Instant::now() + SAFETY_POLL;
                         }
                         Next::Event(Some(StreamEvent::Error(e))) => {
                             s.guard.done = true;

@@ -285,7 +285,7 @@ async fn client_disconnect_cancels_the_job_and_the_upstream_call() {
 
 #[tokio::test]
 async fn queued_streams_send_keep_alives() {
-    let (fake, app) = one_call_a_minute("600").await;
+    let (fake, app) = one_call_a_minute("600", "1").await;
     // The second waits in the queue: the client sees headers, then comments.
     let mut resp = app.chat(streamed("second", false)).await;
     assert_eq!(resp.status(), 200);
@@ -310,14 +310,14 @@ async fn queued_streams_send_keep_alives() {
 
 /// An app on one Anthropic fake that allows one call a minute, with `timeout_s` as the
 /// request timeout, whose minute is already used by a stream: the next one waits.
-async fn one_call_a_minute(timeout_s: &str) -> (Fake, TestApp) {
+async fn one_call_a_minute(timeout_s: &str, keepalive_s: &str) -> (Fake, TestApp) {
     let fake = Fake::anthropic().await;
     let app = spawn_app(
         Options::new(
             provider("an", "anthropic", &fake.base_url(), "rpm = 1"),
             router_yaml(&["an"], ""),
         )
-        .env("ORCH_SSE_KEEPALIVE_SECONDS", "1")
+        .env("ORCH_SSE_KEEPALIVE_SECONDS", keepalive_s)
         .env("ORCH_REQUEST_TIMEOUT_SECONDS", timeout_s),
     )
     .await;
@@ -328,10 +328,10 @@ async fn one_call_a_minute(timeout_s: &str) -> (Fake, TestApp) {
 
 #[tokio::test]
 async fn a_stream_that_never_starts_ends_with_a_timeout_at_the_request_timeout() {
-    let (fake, app) = one_call_a_minute("3").await;
+    let (fake, app) = one_call_a_minute("3", "1").await;
     let started = Instant::now();
     let mut resp = app.chat(streamed("second", false)).await;
-    // Committed after the 2 s hold, with keep-alives...
+    // Committed after the hold (1 s: the keep-alive interval), with keep-alives...
     assert_eq!(resp.status(), 200);
     let job_id = req_id(&resp);
     let mut got = String::new();
@@ -355,7 +355,8 @@ async fn a_stream_that_never_starts_ends_with_a_timeout_at_the_request_timeout()
 
 #[tokio::test]
 async fn a_stream_whose_timeout_ends_before_the_hold_gets_a_504() {
-    let (fake, app) = one_call_a_minute("1").await;
+    // A 2 s timeout ends with the 2 s hold (keep-alives every 10 s).
+    let (fake, app) = one_call_a_minute("2", "10").await;
     let resp = app.chat(streamed("second", false)).await;
     assert_eq!(resp.status(), 504);
     let job_id = req_id(&resp);
@@ -363,6 +364,25 @@ async fn a_stream_whose_timeout_ends_before_the_hold_gets_a_504() {
     assert_eq!(body["error"]["type"], "timeout", "{body}");
     let job = app.wait_job(&job_id, Duration::from_secs(10)).await;
     assert_eq!(job["status"], "cancelled");
+    assert_eq!(fake.call_count(), 1);
+}
+
+#[tokio::test]
+async fn a_call_running_at_the_request_timeout_goes_on_and_streams() {
+    let fake = FakeOpenAi::start().await;
+    fake.set_latency(Duration::from_millis(2500));
+    let app = spawn_app(
+        Options::new(
+            openai_provider("oa", &fake.base_url(), ""),
+            router_yaml(&["oa"], ""),
+        )
+        .env("ORCH_REQUEST_TIMEOUT_SECONDS", "1"),
+    )
+    .await;
+    // The upstream takes 2.5 s to its first chunk: the timeout passes while it runs.
+    let sse = Sse::read(app.chat(streamed("slow start", false)).await).await;
+    assert!(sse.ends_with_done(), "{sse:?}");
+    assert_eq!(sse.text(), "fake:slow start");
     assert_eq!(fake.call_count(), 1);
 }
 

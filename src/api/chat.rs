@@ -422,7 +422,7 @@ async fn open_stream(
         job_id: job_id.clone(),
         done: false,
     };
-    // A stream waits for its first chunk as long as a plain request waits for its answer.
+    // A stream's job may wait in the queue as long as a plain request waits for its answer.
     let left_ms = new.deadline_at - chrono::Utc::now().timestamp_millis();
     let mut deadline =
         tokio::time::Instant::now() + Duration::from_millis(u64::try_from(left_ms).unwrap_or(0));
@@ -511,7 +511,7 @@ enum Next {
     Event(Option<StreamEvent>),
     Finished(Result<crate::queue::signals::Finished, ()>),
     Shutdown,
-    /// The wait for the first chunk ran out.
+    /// The request timeout (or, past it, the next look) came before the first chunk.
     Deadline,
 }
 

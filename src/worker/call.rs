@@ -1,7 +1,6 @@
 //! One leased job: the upstream call with its lease kept alive, then the policy's verdict
 //! written back in one transaction.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -240,7 +239,13 @@ async fn settle(
         }
         Verdict::Failed(err) => {
             let class = policy::classify(&err, shared.settings.retry_after_default);
-            let unavailable = shared.without_removed(unavailable_now(shared).await, &job.chain);
+            let unavailable = shared.without_removed(
+                shared
+                    .fresh_availability()
+                    .await
+                    .unwrap_or_else(|| shared.availability.snapshot()),
+                &job.chain,
+            );
             let breaker = shared
                 .planner
                 .current()
@@ -347,7 +352,7 @@ async fn settle(
         // The database counts the failures, so it alone knows whether this one opened the
         // breaker: learn it before anyone hears of this attempt, so that the next request
         // is routed past the provider rather than accepted for it and then moved on.
-        unavailable_now(shared).await;
+        shared.fresh_availability().await;
     }
     match &decision.transition {
         Transition::Requeue {
@@ -413,16 +418,5 @@ fn apply(job: &mut Job, fin: &AttemptFinish, instance: &str) {
             job.provider = provider.clone();
             job.run_at = *run_at;
         }
-    }
-}
-
-/// Provider availability from the database (fresh: this decides where a job goes next).
-async fn unavailable_now(shared: &Shared) -> HashMap<String, i64> {
-    match shared.store.provider_states().await {
-        Ok(states) => {
-            shared.availability.replace(&states);
-            shared.availability.snapshot()
-        }
-        Err(_) => shared.availability.snapshot(),
     }
 }

@@ -73,6 +73,15 @@ impl Shared {
         }
     }
 
+    /// Provider availability as the database has it now, kept for the next requests; for
+    /// decisions that must not act on a stale copy (where a job goes next). `None` when
+    /// the database could not tell.
+    pub async fn fresh_availability(&self) -> Option<HashMap<String, i64>> {
+        let states = self.store.provider_states().await.ok()?;
+        self.availability.replace(&states);
+        Some(self.availability.snapshot())
+    }
+
     /// Whether no instance serves `provider` any more: it is not in this instance's config,
     /// nor in that of any other live instance (a reload removed it, or it was gone at
     /// start). Jobs queued on it would wait forever.

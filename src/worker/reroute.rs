@@ -19,12 +19,8 @@ const BATCH: i64 = 500;
 /// One pass over the jobs queued on `provider`, which cannot take calls now. Returns how
 /// many jobs it moved or failed.
 pub async fn reroute(shared: &Shared, provider: &str) -> usize {
-    let unavailable = match shared.store.provider_states().await {
-        Ok(states) => {
-            shared.availability.replace(&states);
-            shared.availability.snapshot()
-        }
-        Err(_) => return 0,
+    let Some(unavailable) = shared.fresh_availability().await else {
+        return 0;
     };
     let jobs = match shared.store.queued_on(provider, BATCH).await {
         Ok(jobs) => jobs,

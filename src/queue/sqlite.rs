@@ -637,26 +637,30 @@ fn lease(conn: &WriteConn, req: &LeaseRequest) -> StoreResult<Lease> {
     let lease_until = now + req.lease_ms;
     // Pick, then mark each job. The LIMIT is a constant in the SQL text: SQLite plans
     // with a bound LIMIT's value and re-prepares the statement whenever it changes.
-    // (One `UPDATE … WHERE id IN (SELECT …)` would save a statement, but is re-prepared
-    // on every run for the same reason.)
+    // The pick reads the whole rows and the marks are plain updates, whose outcome is set
+    // on the rows read: an `UPDATE … RETURNING` per job (or one over `id IN (SELECT …)`)
+    // builds a temporary table and a statement journal on every run.
     macro_rules! pick {
         ($limit:literal) => {
             concat!(
-                "SELECT id FROM jobs WHERE provider = ?1 AND status = 'queued' AND run_at <= ?2 \
+                "SELECT ",
+                job_columns!(),
+                " FROM jobs WHERE provider = ?1 AND status = 'queued' AND run_at <= ?2 \
                  AND (pinned_instance IS NULL OR pinned_instance = ?3) ORDER BY priority, run_at LIMIT ",
                 $limit
             )
         };
     }
     let sql = if limit == 1 { pick!("1") } else { pick!("64") };
-    let mut ids = conn
+    let rows = conn
         .prepare_cached(sql)?
-        .query_map(params![req.provider, now, req.instance], |r| {
-            r.get::<_, String>(0)
-        })?
+        .query_map(
+            params![req.provider, now, req.instance],
+            JobRow::from_sqlite,
+        )?
+        .take(usize::try_from(limit).unwrap_or(1))
         .collect::<Result<Vec<_>, _>>()?;
-    ids.truncate(usize::try_from(limit).unwrap_or(1));
-    if ids.is_empty() {
+    if rows.is_empty() {
         let next = conn
             .prepare_cached(
                 "SELECT MIN(run_at) FROM jobs WHERE provider = ?1 AND status = 'queued' \
@@ -668,21 +672,22 @@ fn lease(conn: &WriteConn, req: &LeaseRequest) -> StoreResult<Lease> {
             ..Lease::default()
         });
     }
-    let mut jobs = Vec::with_capacity(ids.len());
+    let mut jobs = Vec::with_capacity(rows.len());
     let mut estimated = 0;
-    for id in &ids {
-        let row = conn
-            .prepare_cached(concat!(
-                "UPDATE jobs SET status = 'running', lease_owner = ?1, lease_expires_at = ?2, \
-                 started_at = COALESCE(started_at, ?3), attempt_count = attempt_count + 1, hop_tries = hop_tries + 1 \
-                 WHERE id = ?4 RETURNING ",
-                job_columns!()
-            ))?
-            .query_row(
-                params![req.instance, lease_until, now, id],
-                JobRow::from_sqlite,
-            )?;
-        let job = Job::try_from(row)?;
+    for row in rows {
+        let mut job = Job::try_from(row)?;
+        conn.prepare_cached(
+            "UPDATE jobs SET status = 'running', lease_owner = ?1, lease_expires_at = ?2, \
+             started_at = COALESCE(started_at, ?3), attempt_count = attempt_count + 1, hop_tries = hop_tries + 1 \
+             WHERE id = ?4",
+        )?
+        .execute(params![req.instance, lease_until, now, job.id])?;
+        job.status = JobStatus::Running;
+        job.lease_owner = Some(req.instance.clone());
+        job.lease_expires_at = Some(lease_until);
+        job.started_at = job.started_at.or(Some(now));
+        job.attempt_count += 1;
+        job.hop_tries += 1;
         let estimate = lease_estimate(req, &job);
         estimated += estimate;
         conn.prepare_cached(

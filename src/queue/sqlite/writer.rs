@@ -17,7 +17,11 @@
 //! (`synchronous=NORMAL`, where a commit is a few WAL `write`s), the caller runs its write
 //! itself, on its own thread: at low load a hand-off to the writer thread and back costs
 //! more (two context switches) than the write. Under load writes go to the thread, where
-//! they share commits. Checkpoints, which do fsync, are the writer thread's to start
+//! they share commits: once several writes were under way at once, all go to the thread for
+//! a while, even one that finds the others done. Otherwise, at a load where writes often
+//! but not always overlap, a good share of them would each be a commit of their own (its
+//! locks and WAL frames), on a request thread, holding the connection the writer thread
+//! waits for. Checkpoints, which do fsync, are the writer thread's to start
 //! (automatic checkpoints are off on this connection); see `checkpointer` for where they
 //! run.
 
@@ -26,7 +30,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError, mpsc};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::oneshot;
@@ -113,6 +117,15 @@ const CHECKPOINT_AFTER_COMMITS: u64 = 1000;
 /// Small in tests, so that a few thousand writes see many checkpoints.
 #[cfg(test)]
 const CHECKPOINT_AFTER_COMMITS: u64 = 50;
+/// A write that finds this many others under way marks a spell of load ...
+const LOAD_IN_FLIGHT: usize = 2;
+/// ... during which every write goes to the thread. (Two at once is not load: a request's
+/// write beside a background one, such as the metrics writer's mark.)
+#[cfg(not(test))]
+const LOAD_SPELL: Duration = Duration::from_millis(20);
+/// Long in tests, so that a busy machine's pauses cannot end a spell a test looks at.
+#[cfg(test)]
+const LOAD_SPELL: Duration = Duration::from_millis(300);
 
 pub(crate) struct Writer {
     conn: Arc<Mutex<Connection>>,
@@ -124,6 +137,9 @@ pub(crate) struct Writer {
     commits: Arc<AtomicU64>,
     /// Writes asked for and not yet answered.
     in_flight: AtomicUsize,
+    /// When the writer was opened, and until when (µs after it) a spell of load lasts.
+    opened: Instant,
+    load_until_us: AtomicU64,
 }
 
 impl Writer {
@@ -181,6 +197,8 @@ impl Writer {
             inline,
             commits,
             in_flight: AtomicUsize::new(0),
+            opened: Instant::now(),
+            load_until_us: AtomicU64::new(0),
         })
     }
 
@@ -192,9 +210,9 @@ impl Writer {
         T: Send + 'static,
         F: Fn(&Connection) -> StoreResult<T> + Send + 'static,
     {
-        let alone = self.in_flight.fetch_add(1, Ordering::AcqRel) == 0;
+        let others = self.in_flight.fetch_add(1, Ordering::AcqRel);
         let _in_flight = InFlight(&self.in_flight);
-        if self.inline && alone {
+        if self.inline && others == 0 && !self.under_load() {
             let conn = match self.conn.try_lock() {
                 Ok(conn) => Some(conn),
                 Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
@@ -213,13 +231,35 @@ impl Writer {
                 return write.outcome(commit);
             }
         }
+        // Under load from when the write is sent until the spell after its answer.
+        let load = self.inline && others >= LOAD_IN_FLIGHT;
+        if load {
+            self.mark_load();
+        }
         let (answer, answered) = oneshot::channel();
         self.ops
             .as_ref()
             .ok_or(StoreError::WriterGone)?
             .send(Box::new(Pending::new(f, Some(answer))))
             .map_err(|_| StoreError::WriterGone)?;
-        answered.await.map_err(|_| StoreError::WriterGone)?
+        let answer = answered.await.map_err(|_| StoreError::WriterGone)?;
+        if load {
+            self.mark_load();
+        }
+        answer
+    }
+
+    fn since_opened_us(&self) -> u64 {
+        u64::try_from(self.opened.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
+    fn under_load(&self) -> bool {
+        self.since_opened_us() < self.load_until_us.load(Ordering::Relaxed)
+    }
+
+    fn mark_load(&self) {
+        let until = self.since_opened_us() + LOAD_SPELL.as_micros() as u64;
+        self.load_until_us.fetch_max(until, Ordering::Relaxed);
     }
 }
 
@@ -409,6 +449,53 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(none_failed, 0);
+    }
+
+    /// Whether a write ran on the writer thread (else inline, on the caller's thread).
+    async fn ran_on_the_thread(w: &Writer) -> bool {
+        w.write(|_| Ok(std::thread::current().name() == Some("sqlite-writer")))
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+    async fn after_writes_overlap_a_lone_write_goes_to_the_thread_for_a_while() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Arc::new(open(&dir));
+        assert!(
+            !ran_on_the_thread(&w).await,
+            "a lone write at rest runs inline"
+        );
+        // A slow inline write holds the connection while two more are sent.
+        let slow = {
+            let w = w.clone();
+            tokio::spawn(async move {
+                w.write(|_| {
+                    std::thread::sleep(Duration::from_millis(200));
+                    Ok(())
+                })
+                .await
+            })
+        };
+        while w.in_flight.load(Ordering::Acquire) == 0 {
+            tokio::task::yield_now().await;
+        }
+        let more: Vec<_> = (0..2)
+            .map(|_| {
+                let w = w.clone();
+                tokio::spawn(async move { w.write(|_| Ok(())).await })
+            })
+            .collect();
+        slow.await.unwrap().unwrap();
+        for m in more {
+            m.await.unwrap().unwrap();
+        }
+        // Three at once: a spell of load, in which even a lone write shares the thread's
+        // commits ...
+        assert!(ran_on_the_thread(&w).await);
+        // ... until it has passed.
+        tokio::time::sleep(LOAD_SPELL + Duration::from_millis(10)).await;
+        assert!(!ran_on_the_thread(&w).await);
     }
 
     #[tokio::test]

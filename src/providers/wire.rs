@@ -32,6 +32,9 @@ pub struct Upstream {
     pub cfg: ProviderConfig,
     http: reqwest::Client,
     url: String,
+    /// `url` parsed once: a call with the text would parse it (host name rules and all)
+    /// every time. `None` if it does not parse: each call then fails with the reason.
+    parsed_url: Option<reqwest::Url>,
     timeout: Duration,
     auth: Auth,
     headers: &'static [(&'static str, &'static str)],
@@ -45,9 +48,11 @@ impl Upstream {
         auth: Auth,
         headers: &'static [(&'static str, &'static str)],
     ) -> Self {
+        let url = format!("{}{path}", cfg.base_url);
         Self {
             http: http_client(&cfg),
-            url: format!("{}{path}", cfg.base_url),
+            parsed_url: reqwest::Url::parse(&url).ok(),
+            url,
             timeout: Duration::from_secs_f64(cfg.timeout_s),
             auth,
             headers,
@@ -56,7 +61,11 @@ impl Upstream {
     }
 
     fn request(&self, body: &Value, key: Option<&str>) -> reqwest::RequestBuilder {
-        let mut req = self.http.post(&self.url).json(body);
+        let mut req = match &self.parsed_url {
+            Some(url) => self.http.post(url.clone()),
+            None => self.http.post(&self.url),
+        }
+        .json(body);
         for (k, v) in self.headers {
             req = req.header(*k, *v);
         }

@@ -3,7 +3,8 @@
 //! through untouched except `model`, which becomes the provider's model.
 
 use async_trait::async_trait;
-use serde_json::Value;
+use serde::ser::{Serialize, SerializeMap, Serializer};
+use serde_json::{Map, Value};
 
 use super::*;
 
@@ -19,27 +20,45 @@ impl OpenAi {
     }
 
     /// The request as it came, with the provider's model and the stream settings.
-    fn request(&self, body: &ChatBody, stream: bool) -> Value {
-        let mut body = body.clone();
-        body.insert("model".into(), Value::String(self.up.cfg.model.clone()));
-        if stream {
-            body.insert("stream".into(), Value::Bool(true));
-            // Ask for usage so it can be recorded even when the client did not ask for it.
-            // (A client may send `stream_options: null`; it is replaced, not skipped.)
-            let opts = body
-                .entry("stream_options")
-                .or_insert_with(|| Value::Object(Default::default()));
-            if !opts.is_object() {
-                *opts = Value::Object(Default::default());
-            }
-            if let Some(o) = opts.as_object_mut() {
-                o.insert("include_usage".into(), Value::Bool(true));
-            }
-        } else {
-            body.remove("stream");
-            body.remove("stream_options");
+    fn request<'a>(&'a self, body: &'a ChatBody, stream: bool) -> Outgoing<'a> {
+        Outgoing {
+            body,
+            model: &self.up.cfg.model,
+            stream,
         }
-        Value::Object(body)
+    }
+}
+
+/// A request as the upstream gets it, written straight from the client's fields rather
+/// than from a copy of them: every field as it came but `model` (the provider's) and the
+/// stream fields. A stream asks for usage, so that it can be recorded even when the
+/// client did not ask for it (a client's `stream_options: null` is replaced, not kept);
+/// a plain call sends no stream fields at all.
+struct Outgoing<'a> {
+    body: &'a ChatBody,
+    model: &'a str,
+    stream: bool,
+}
+
+impl Serialize for Outgoing<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        for (k, v) in self.body {
+            if !matches!(k.as_str(), "model" | "stream" | "stream_options") {
+                map.serialize_entry(k, v)?;
+            }
+        }
+        map.serialize_entry("model", self.model)?;
+        if self.stream {
+            map.serialize_entry("stream", &true)?;
+            let mut opts = match self.body.get("stream_options") {
+                Some(Value::Object(o)) => o.clone(),
+                _ => Map::new(),
+            };
+            opts.insert("include_usage".into(), Value::Bool(true));
+            map.serialize_entry("stream_options", &opts)?;
+        }
+        map.end()
     }
 }
 
@@ -150,9 +169,42 @@ fn parse_chunk(data: &str) -> Result<Value, ProviderError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn parse(text: &str) -> Result<Completion, ProviderError> {
         parse_completion(bytes::Bytes::copy_from_slice(text.as_bytes()))
+    }
+
+    fn outgoing(body: Value, stream: bool) -> Value {
+        let body = body.as_object().unwrap();
+        let out = Outgoing {
+            body,
+            model: "gpt-up",
+            stream,
+        };
+        serde_json::to_value(&out).unwrap()
+    }
+
+    #[test]
+    fn the_upstream_gets_the_request_with_the_providers_model_and_stream_fields() {
+        let body = json!({"model": "alias", "messages": [{"role": "user", "content": "hi"}],
+            "temperature": 0.5, "stream": true, "stream_options": {"include_usage": false, "x": 1}});
+        // A plain call: every field as it came, the provider's model, no stream fields.
+        assert_eq!(
+            outgoing(body.clone(), false),
+            json!({"model": "gpt-up", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.5})
+        );
+        // A stream asks for usage and keeps the client's other stream options.
+        assert_eq!(
+            outgoing(body, true),
+            json!({"model": "gpt-up", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.5,
+                "stream": true, "stream_options": {"include_usage": true, "x": 1}})
+        );
+        // `stream_options: null` (or none) becomes an object asking for usage.
+        assert_eq!(
+            outgoing(json!({"messages": [], "stream_options": null}), true),
+            json!({"model": "gpt-up", "messages": [], "stream": true, "stream_options": {"include_usage": true}})
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::time::Duration;
 use eventsource_stream::Eventsource;
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
+use serde::Serialize;
 use serde_json::{Map, Value, json};
 
 use super::{
@@ -60,7 +61,11 @@ impl Upstream {
         }
     }
 
-    fn request(&self, body: &Value, key: Option<&str>) -> reqwest::RequestBuilder {
+    fn request<B: Serialize + ?Sized>(
+        &self,
+        body: &B,
+        key: Option<&str>,
+    ) -> reqwest::RequestBuilder {
         let mut req = match &self.parsed_url {
             Some(url) => self.http.post(url.clone()),
             None => self.http.post(&self.url),
@@ -78,9 +83,9 @@ impl Upstream {
 
     /// One non-streaming call whose JSON answer `parse` reads. Whatever the upstream
     /// wrote that reaches the caller is cleaned of the key first.
-    pub async fn complete(
+    pub async fn complete<B: Serialize + Sync + ?Sized>(
         &self,
-        body: &Value,
+        body: &B,
         parse: impl FnOnce(Value) -> Result<Completion, ProviderError>,
     ) -> Result<Completion, ProviderError> {
         self.complete_bytes(body, |bytes| parse(json_answer(&bytes)?))
@@ -89,9 +94,9 @@ impl Upstream {
 
     /// One non-streaming call whose answer `parse` reads as the bytes the upstream sent
     /// (for an answer kept as it came, without a JSON tree in between).
-    pub async fn complete_bytes(
+    pub async fn complete_bytes<B: Serialize + Sync + ?Sized>(
         &self,
-        body: &Value,
+        body: &B,
         parse: impl FnOnce(bytes::Bytes) -> Result<Completion, ProviderError>,
     ) -> Result<Completion, ProviderError> {
         let key = self.cfg.api_key();
@@ -101,9 +106,9 @@ impl Upstream {
     }
 
     /// One streaming call, its events framed as `framing` says and read by `translator`.
-    pub async fn stream<T: Translate>(
+    pub async fn stream<B: Serialize + Sync + ?Sized, T: Translate>(
         &self,
-        body: &Value,
+        body: &B,
         framing: Framing,
         translator: T,
     ) -> Result<ChunkStream, ProviderError> {

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::{TimeZone, Utc};
+use chrono::{SecondsFormat, TimeZone, Utc};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::queue::{Job, JobStatus, QueueStore, StoreResult};
@@ -62,7 +62,8 @@ pub fn line<'a>(job: &'a Job, model: Option<&'a str>) -> Line<'a> {
         retries: (job.attempt_count - 1).max(0),
         status: job.status_code,
         task: &job.task,
-        ts: ts.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
+        // `2026-01-31T12:00:00.000Z`, without parsing a format string per line.
+        ts: ts.to_rfc3339_opts(SecondsFormat::Millis, true),
         usage_completion: job.usage_completion,
         usage_prompt: job.usage_prompt,
     }

@@ -21,7 +21,7 @@ use sqlx::{Connection, SqliteConnection, SqlitePool};
 
 use super::row::{
     AttemptRow, InstanceRow, JobRow, ProviderStateRow, cancelled_error, chain_json, error_json,
-    interrupted_attempt_error, lease_estimate, orphaned_stream_error, providers_json,
+    interrupted_attempt_error, mark_leased, orphaned_stream_error, providers_json,
 };
 use super::*;
 use crate::config::SqliteSync;
@@ -638,8 +638,9 @@ fn lease(conn: &WriteConn, req: &LeaseRequest) -> StoreResult<Lease> {
     // Pick, then mark each job. The LIMIT is a constant in the SQL text: SQLite plans
     // with a bound LIMIT's value and re-prepares the statement whenever it changes.
     // The pick reads the whole rows and the marks are plain updates, whose outcome is set
-    // on the rows read: an `UPDATE … RETURNING` per job (or one over `id IN (SELECT …)`)
-    // builds a temporary table and a statement journal on every run.
+    // on the rows read (`mark_leased`, as on Postgres): an `UPDATE … RETURNING` per job
+    // (or one over `id IN (SELECT …)`) builds a temporary table and a statement journal
+    // on every run.
     macro_rules! pick {
         ($limit:literal) => {
             concat!(
@@ -674,21 +675,22 @@ fn lease(conn: &WriteConn, req: &LeaseRequest) -> StoreResult<Lease> {
     }
     let mut jobs = Vec::with_capacity(rows.len());
     let mut estimated = 0;
-    for row in rows {
-        let mut job = Job::try_from(row)?;
-        conn.prepare_cached(
-            "UPDATE jobs SET status = 'running', lease_owner = ?1, lease_expires_at = ?2, \
-             started_at = COALESCE(started_at, ?3), attempt_count = attempt_count + 1, hop_tries = hop_tries + 1 \
-             WHERE id = ?4",
-        )?
-        .execute(params![req.instance, lease_until, now, job.id])?;
-        job.status = JobStatus::Running;
-        job.lease_owner = Some(req.instance.clone());
-        job.lease_expires_at = Some(lease_until);
-        job.started_at = job.started_at.or(Some(now));
-        job.attempt_count += 1;
-        job.hop_tries += 1;
-        let estimate = lease_estimate(req, &job);
+    for (leased, estimate) in mark_leased(rows, req, now)? {
+        let job = &leased.job;
+        let marked = conn
+            .prepare_cached(
+                "UPDATE jobs SET status = 'running', lease_owner = ?1, lease_expires_at = ?2, \
+                 started_at = COALESCE(started_at, ?3), attempt_count = attempt_count + 1, hop_tries = hop_tries + 1 \
+                 WHERE id = ?4 AND status = 'queued'",
+            )?
+            .execute(params![req.instance, lease_until, now, job.id])?;
+        // Picked as queued in this transaction, on the only writing connection.
+        if marked != 1 {
+            return Err(StoreError::Corrupt(format!(
+                "job {} was picked for a lease but could not be marked running",
+                job.id
+            )));
+        }
         estimated += estimate;
         conn.prepare_cached(
             "INSERT INTO attempts (job_id, n, provider, model, instance, started_at, outcome, tokens) \
@@ -696,15 +698,14 @@ fn lease(conn: &WriteConn, req: &LeaseRequest) -> StoreResult<Lease> {
         )?
         .execute(params![
             job.id,
-            job.attempt_count,
+            leased.attempt_n,
             req.provider,
             req.model,
             req.instance,
             now,
             estimate
         ])?;
-        let attempt_n = job.attempt_count;
-        jobs.push(LeasedJob { job, attempt_n });
+        jobs.push(leased);
     }
     conn.prepare_cached(
         "INSERT INTO provider_usage (provider, second, calls, tokens) VALUES (?1, ?2, ?3, ?4) \

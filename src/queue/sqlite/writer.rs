@@ -231,11 +231,6 @@ impl Writer {
                 return write.outcome(commit);
             }
         }
-        // Under load from when the write is sent until the spell after its answer.
-        let load = self.inline && others >= LOAD_IN_FLIGHT;
-        if load {
-            self.mark_load();
-        }
         let (answer, answered) = oneshot::channel();
         self.ops
             .as_ref()
@@ -243,7 +238,9 @@ impl Writer {
             .send(Box::new(Pending::new(f, Some(answer))))
             .map_err(|_| StoreError::WriterGone)?;
         let answer = answered.await.map_err(|_| StoreError::WriterGone)?;
-        if load {
+        // A write sent beside enough others starts the spell when it is answered (while
+        // it is under way, no write is alone anyway).
+        if self.inline && others >= LOAD_IN_FLIGHT {
             self.mark_load();
         }
         answer

@@ -91,15 +91,6 @@ async fn main() {
         for &concurrency in &args.concurrency {
             let http = load::client(concurrency);
             let direct_url = format!("{upstream}/v1/chat/completions");
-            let (direct, _) = load::run(
-                &http,
-                &direct_url,
-                concurrency,
-                Duration::from_secs(1),
-                duration,
-                || 0.0,
-            )
-            .await;
             for (backend, pg) in &backends {
                 let db = match pg {
                     Some(admin) => Some(fresh_pg_database(admin).await),
@@ -107,22 +98,20 @@ async fn main() {
                 };
                 let gw = Gateway::start(&upstream, db.as_deref(), 1024).await;
                 let url = format!("{}/v1/chat/completions", gw.url);
-                let (through, cpu) = load::run(
-                    &http,
-                    &url,
+                let cell = Cell {
+                    http: &http,
+                    direct_url: &direct_url,
+                    through_url: &url,
                     concurrency,
-                    Duration::from_secs(2),
-                    duration,
-                    || gw.cpu_seconds(),
-                )
-                .await;
+                };
+                let (direct, through, cpu) = cell.measure(duration, &gw).await;
                 let row = Row {
                     backend,
                     concurrency,
                     latency_ms,
                     direct,
                     through,
-                    cpu_ms_per_req: cpu * 1000.0 / through.requests.max(1) as f64,
+                    cpu_ms_per_req: cpu * 1000.0 / through.requests.max(1.0),
                     peak_rss_mb: gw.peak_rss_mb(),
                 };
                 print_progress(&row);
@@ -295,6 +284,64 @@ async fn main() {
     }
     if let Some(admin) = &args.postgres {
         drop_pg_databases(admin).await;
+    }
+}
+
+/// How many times a cell switches between direct and through.
+const SLICES: u32 = 4;
+/// The warm-up of every slice after the first: clients connect again, the queue refills,
+/// and what the gateway does once idle (a checkpoint) is over before the next window.
+const SETTLE: Duration = Duration::from_millis(500);
+
+/// One cell of the table: one load, directly and through the gateway.
+struct Cell<'a> {
+    http: &'a reqwest::Client,
+    direct_url: &'a str,
+    through_url: &'a str,
+    concurrency: usize,
+}
+
+impl Cell<'_> {
+    /// Measures direct and through in turns, `SLICES` windows each, `duration` in all for
+    /// each side. The machine's speed drifts by tens of percent within minutes (other
+    /// tenants of the host), so two back-to-back measurements can see different machines;
+    /// in turns, both see the same drift and their ratio holds. The gateway's CPU counts
+    /// in the through windows and in the direct slices between them: what it does once
+    /// idle (a checkpoint, metrics lines, the last requests of a window) counts too; only
+    /// the warm-ups of its own slices do not, like their requests.
+    async fn measure(&self, duration: Duration, gw: &Gateway) -> (load::Stats, load::Stats, f64) {
+        let window = duration / SLICES;
+        let (mut direct, mut through) = (Vec::new(), Vec::new());
+        let (mut cpu, mut last_closed) = (0.0, None);
+        for slice in 0..SLICES {
+            let first = slice == 0;
+            let warmup = |first_warmup| if first { first_warmup } else { SETTLE };
+            let (d, _) = load::run(
+                self.http,
+                self.direct_url,
+                self.concurrency,
+                warmup(Duration::from_secs(1)),
+                window,
+                || 0.0,
+            )
+            .await;
+            direct.push(d);
+            let idle_from = last_closed.unwrap_or_else(|| gw.cpu_seconds());
+            cpu += gw.cpu_seconds() - idle_from;
+            let (t, (opened, closed)) = load::run(
+                self.http,
+                self.through_url,
+                self.concurrency,
+                warmup(Duration::from_secs(2)),
+                window,
+                || gw.cpu_seconds(),
+            )
+            .await;
+            through.push(t);
+            cpu += closed - opened;
+            last_closed = Some(closed);
+        }
+        (load::Stats::of(direct), load::Stats::of(through), cpu)
     }
 }
 

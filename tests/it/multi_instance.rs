@@ -323,22 +323,29 @@ async fn news_crosses_instances() {
     .await;
 
     // An async job inserted on node-0 is picked up by node-1 through NOTIFY, not its
-    // one-second poll.
-    let sent = Instant::now();
-    let id = c.submit(0, "async").await;
-    wait_until(
-        "node-1 called upstream",
-        Duration::from_secs(10),
-        async || fake.call_count() == 2,
-    )
-    .await;
-    let picked_up = fake.calls()[1].at.duration_since(sent);
-    let job = c
-        .wait_all(0, std::slice::from_ref(&id), Duration::from_secs(10))
+    // one-second poll (through the poll, each pick-up takes about a second). Five, one
+    // after another, and their median: one slow pick-up (a disk stall holding node-1's
+    // lease commit, seen once at 900 ms) does not fail the test.
+    let mut ids = Vec::new();
+    let mut pick_ups = Vec::new();
+    for n in 0..5 {
+        let sent = Instant::now();
+        ids.push(c.submit(0, &format!("async {n}")).await);
+        wait_until(
+            "node-1 called upstream",
+            Duration::from_secs(10),
+            async || fake.call_count() == 2 + n,
+        )
         .await;
-    assert_eq!(job[0]["attempts"][0]["instance"], "node-1");
-    eprintln!("cross-instance pick-up: {picked_up:?}");
-    assert!(picked_up < Duration::from_millis(900), "{picked_up:?}");
+        pick_ups.push(fake.calls()[1 + n].at.duration_since(sent));
+    }
+    let jobs = c.wait_all(0, &ids, Duration::from_secs(10)).await;
+    for job in &jobs {
+        assert_eq!(job["attempts"][0]["instance"], "node-1");
+    }
+    eprintln!("cross-instance pick-ups: {pick_ups:?}");
+    pick_ups.sort();
+    assert!(pick_ups[2] < Duration::from_millis(150), "{pick_ups:?}");
 
     // A synchronous request waiting on node-0 whose job node-1 runs returns as soon as
     // node-1 finished, through NOTIFY, not node-0's two-second safety poll.
@@ -356,7 +363,7 @@ async fn news_crosses_instances() {
     let job_id = req_id(&resp);
     let job = c.job(0, &job_id).await;
     assert_eq!(job["attempts"][0]["instance"], "node-1");
-    let upstream_done = fake.calls()[2].at + latency;
+    let upstream_done = fake.calls()[6].at + latency;
     let after_finish = answered.duration_since(upstream_done);
     eprintln!("sync answer after upstream finished: {after_finish:?}");
     assert!(

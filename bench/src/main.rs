@@ -326,8 +326,9 @@ impl Cell<'_> {
             )
             .await;
             direct.push(d);
-            let idle_from = last_closed.unwrap_or_else(|| gw.cpu_seconds());
-            cpu += gw.cpu_seconds() - idle_from;
+            if let Some(closed) = last_closed {
+                cpu += gw.cpu_seconds() - closed;
+            }
             let (t, (opened, closed)) = load::run(
                 self.http,
                 self.through_url,

@@ -325,7 +325,7 @@ async fn news_crosses_instances() {
     // An async job inserted on node-0 is picked up by node-1 through NOTIFY, not its
     // one-second poll (through the poll, each pick-up takes about a second). Five, one
     // after another, and their median: one slow pick-up (a disk stall holding node-1's
-    // lease commit, seen once at 900 ms) does not fail the test.
+    // lease commit, seen once at over 900 ms) does not fail the test.
     let mut ids = Vec::new();
     let mut pick_ups = Vec::new();
     for n in 0..5 {

@@ -307,8 +307,9 @@ impl Cell<'_> {
     /// tenants of the host), so two back-to-back measurements can see different machines;
     /// in turns, both see the same drift and their ratio holds. The gateway's CPU counts
     /// in the through windows and in the direct slices between them: what it does once
-    /// idle (a checkpoint, metrics lines, the last requests of a window) counts too; only
-    /// the warm-ups of its own slices do not, like their requests.
+    /// idle (a checkpoint, metrics lines, the last requests of a window) counts too; the
+    /// warm-ups of its own slices do not, like their requests, nor what follows its last
+    /// window.
     async fn measure(&self, duration: Duration, gw: &Gateway) -> (load::Stats, load::Stats, f64) {
         let window = duration / SLICES;
         let (mut direct, mut through) = (Vec::new(), Vec::new());

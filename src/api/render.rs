@@ -107,9 +107,14 @@ pub fn job_object(job: &Job, attempts: &[Attempt]) -> Value {
     v
 }
 
-/// The SSE event of a chunk; usage is shown only to a client that asked for it.
+/// The SSE event of a chunk; usage is shown only to a client that asked for it. As
+/// OpenAI streams, that client sees `"usage": null` on every chunk before the usage one.
 pub fn chunk_event(mut chunk: Value, include_usage: bool) -> Option<Event> {
-    if !include_usage {
+    if include_usage {
+        if let Some(o) = chunk.as_object_mut() {
+            o.entry("usage").or_insert(Value::Null);
+        }
+    } else {
         let usage_only = chunk
             .get("choices")
             .and_then(Value::as_array)

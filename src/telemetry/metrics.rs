@@ -9,6 +9,8 @@ use crate::queue::Job;
 
 pub struct Metrics {
     registry: Registry,
+    /// Every family's name, help and type, to announce those without a series yet.
+    families: Vec<Family>,
     pub requests: IntCounterVec,
     pub request_latency: HistogramVec,
     pub upstream_attempts: IntCounterVec,
@@ -28,35 +30,50 @@ const OVERHEAD_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0,
 ];
 
+/// What the exposition's `# HELP` and `# TYPE` lines say of one family.
+struct Family {
+    name: &'static str,
+    help: &'static str,
+    kind: &'static str,
+}
+
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
-        let counter = |name: &str, help: &str, labels: &[&str]| {
+        let families = std::cell::RefCell::new(Vec::new());
+        let family = |name: &'static str, help: &'static str, kind: &'static str| {
+            families.borrow_mut().push(Family { name, help, kind });
+        };
+        let counter = |name: &'static str, help: &'static str, labels: &[&str]| {
+            family(name, help, "counter");
             let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
             registry
                 .register(Box::new(c.clone()))
                 .expect("unique metric");
             c
         };
-        let gauge = |name: &str, help: &str, labels: &[&str]| {
+        let gauge = |name: &'static str, help: &'static str, labels: &[&str]| {
+            family(name, help, "gauge");
             let g = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
             registry
                 .register(Box::new(g.clone()))
                 .expect("unique metric");
             g
         };
-        let histogram = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
-            let h = HistogramVec::new(
-                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
-                labels,
-            )
-            .expect("valid metric");
-            registry
-                .register(Box::new(h.clone()))
-                .expect("unique metric");
-            h
-        };
-        Self {
+        let histogram =
+            |name: &'static str, help: &'static str, labels: &[&str], buckets: &[f64]| {
+                family(name, help, "histogram");
+                let h = HistogramVec::new(
+                    HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+                    labels,
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(h.clone()))
+                    .expect("unique metric");
+                h
+            };
+        let mut metrics = Self {
             requests: counter(
                 "orch_requests_total",
                 "Finished jobs by route, provider and HTTP status.",
@@ -112,7 +129,10 @@ impl Metrics {
                 OVERHEAD_BUCKETS,
             ),
             registry,
-        }
+            families: Vec::new(),
+        };
+        metrics.families = families.into_inner();
+        metrics
     }
 
     pub fn job_finished(&self, job: &Job) {
@@ -138,11 +158,24 @@ impl Metrics {
         }
     }
 
-    /// The Prometheus text exposition.
+    /// The Prometheus text exposition. A family with labels has no series until its
+    /// first observation, and the encoder leaves such a family out altogether; it is
+    /// announced anyway (`# HELP` and `# TYPE` alone are valid exposition), so that a
+    /// fresh instance lists every name of CONTRACT §7, as Python's client does.
     pub fn render(&self) -> String {
+        let gathered = self.registry.gather();
         let mut buf = Vec::new();
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
-        String::from_utf8(buf).unwrap_or_default()
+        let _ = TextEncoder::new().encode(&gathered, &mut buf);
+        let mut text = String::from_utf8(buf).unwrap_or_default();
+        for f in &self.families {
+            if !gathered.iter().any(|g| g.name() == f.name) {
+                text.push_str(&format!(
+                    "# HELP {} {}\n# TYPE {} {}\n",
+                    f.name, f.help, f.name, f.kind
+                ));
+            }
+        }
+        text
     }
 }
 

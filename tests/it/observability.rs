@@ -303,6 +303,37 @@ fn sample(text: &str, series: &str) -> Option<f64> {
 }
 
 #[tokio::test]
+async fn a_fresh_instance_announces_every_metric_family() {
+    let (_fa, _fb, app) = two_providers(&[]).await;
+    let text = app.get("/metrics").await.text().await.unwrap();
+    for (name, kind) in [
+        ("orch_requests_total", "counter"),
+        ("orch_request_latency_seconds", "histogram"),
+        ("orch_upstream_attempts_total", "counter"),
+        ("orch_queue_depth", "gauge"),
+        ("orch_jobs_running", "gauge"),
+        ("orch_tokens_total", "counter"),
+        ("orch_provider_cooldown", "gauge"),
+    ] {
+        let line = format!("# TYPE {name} {kind}");
+        assert_eq!(
+            text.lines().filter(|l| *l == line).count(),
+            1,
+            "want one `{line}` before any traffic in\n{text}"
+        );
+    }
+    // After traffic a family is listed once, with its series.
+    assert_eq!(app.chat(user("x")).await.status(), 200);
+    let text = app.get("/metrics").await.text().await.unwrap();
+    let types = text
+        .lines()
+        .filter(|l| *l == "# TYPE orch_requests_total counter")
+        .count();
+    assert_eq!(types, 1, "{text}");
+    assert!(text.contains("orch_requests_total{"), "{text}");
+}
+
+#[tokio::test]
 async fn prometheus_metrics_after_traffic() {
     let (fa, fb, app) = two_providers(&[]).await;
     for _ in 0..2 {

@@ -70,6 +70,13 @@ async fn streams_have_one_shape_for_every_provider() {
             ids.iter().all(|i| *i == ids[0]),
             "{route}: one id for every chunk"
         );
+        assert!(
+            chunks[..n - 1]
+                .iter()
+                .all(|c| c.get("usage") == Some(&Value::Null)),
+            "{route}: `\"usage\": null` before the usage chunk, as OpenAI sends: {:?}",
+            sse.data
+        );
         shapes.push((route, chunks.iter().map(shape).collect::<Vec<_>>()));
     }
     for (route, s) in &shapes[1..] {
@@ -119,8 +126,16 @@ async fn a_repeated_stream_gets_the_first_answer_as_a_stream() {
             .collect();
         assert_eq!(finish.len(), 1);
         assert_eq!(finish[0]["choices"][0]["finish_reason"], "stop");
-        let usage = chunks.iter().filter(|c| c.get("usage").is_some()).count();
+        let usage = chunks
+            .iter()
+            .filter(|c| c.get("usage").is_some_and(|u| !u.is_null()))
+            .count();
         assert_eq!(usage, usize::from(include_usage), "{:?}", sse.data);
+        // As OpenAI streams: with include_usage every other chunk has `"usage": null`;
+        // without it, no chunk has the key.
+        let keyed = chunks.iter().filter(|c| c.get("usage").is_some()).count();
+        let want = if include_usage { chunks.len() } else { 0 };
+        assert_eq!(keyed, want, "{:?}", sse.data);
     }
     assert_eq!(f.openai.call_count(), 1);
 }

@@ -103,6 +103,11 @@ async fn main() {
                     direct_url: &direct_url,
                     through_url: &url,
                     concurrency,
+                    stagger: if std::env::var_os("BENCH_LOCKSTEP").is_some() {
+                        Duration::ZERO
+                    } else {
+                        Duration::from_millis(latency_ms)
+                    },
                 };
                 let (direct, through, cpu) = cell.measure(duration, &gw).await;
                 let row = Row {
@@ -299,6 +304,8 @@ struct Cell<'a> {
     direct_url: &'a str,
     through_url: &'a str,
     concurrency: usize,
+    /// Over how long the clients' first requests spread (see `load::run`).
+    stagger: Duration,
 }
 
 impl Cell<'_> {
@@ -321,6 +328,7 @@ impl Cell<'_> {
                 self.http,
                 self.direct_url,
                 self.concurrency,
+                self.stagger,
                 warmup(Duration::from_secs(1)),
                 window,
                 || 0.0,
@@ -334,6 +342,7 @@ impl Cell<'_> {
                 self.http,
                 self.through_url,
                 self.concurrency,
+                self.stagger,
                 warmup(Duration::from_secs(2)),
                 window,
                 || gw.cpu_seconds(),

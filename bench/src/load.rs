@@ -92,6 +92,8 @@ pub async fn run(
     probe: impl Fn() -> f64,
 ) -> (Sample, (f64, f64)) {
     let url: Arc<str> = Arc::from(url);
+    // Every client has sent its first request before the window opens.
+    let stagger = stagger.min(warmup);
     let from = Instant::now() + warmup;
     let end = from + window;
     let tasks: Vec<_> = (0..concurrency)

@@ -78,9 +78,9 @@ impl Stats {
 /// those of the requests that complete inside the window. The rate is the requests done
 /// per second of window, each request counted by the share of its time inside the
 /// window: counting whole requests that complete there would make it a step function of
-/// where the window falls, since the clients start together and keep in step when each
-/// request takes about as long (with a 200 ms upstream, a client completes 9 or 10 in a
-/// 2 s window as its requests take 203 or 210 ms: a 10% step).
+/// where the window falls, for clients in step, and even out of step each client counts
+/// a whole number (with a 200 ms upstream, a client completes 9 or 10 in a 2 s window as
+/// its requests take 203 or 210 ms: a 10% step).
 /// `probe` is read when the window opens and when it closes; both readings are returned.
 pub async fn run(
     http: &reqwest::Client,

@@ -65,6 +65,8 @@ struct Row {
 async fn main() {
     let args = Args::parse();
     let duration = Duration::from_secs(args.seconds);
+    // Clients start together, as before the twelfth round (see `load::run`).
+    let lockstep = std::env::var_os("BENCH_LOCKSTEP").is_some();
     let started = chrono::Utc::now();
     println!(
         "# llm-orch benchmark — {}",
@@ -103,7 +105,7 @@ async fn main() {
                     direct_url: &direct_url,
                     through_url: &url,
                     concurrency,
-                    stagger: if std::env::var_os("BENCH_LOCKSTEP").is_some() {
+                    stagger: if lockstep {
                         Duration::ZERO
                     } else {
                         Duration::from_millis(latency_ms)

@@ -37,102 +37,119 @@ struct Family {
     kind: &'static str,
 }
 
+/// Registers families and remembers what each is, for `render`.
+struct Builder {
+    registry: Registry,
+    families: Vec<Family>,
+}
+
+impl Builder {
+    fn register<M: prometheus::core::Collector + Clone + 'static>(
+        &mut self,
+        metric: M,
+        name: &'static str,
+        help: &'static str,
+        kind: &'static str,
+    ) -> M {
+        self.registry
+            .register(Box::new(metric.clone()))
+            .expect("unique metric");
+        self.families.push(Family { name, help, kind });
+        metric
+    }
+
+    fn counter(
+        &mut self,
+        name: &'static str,
+        help: &'static str,
+        labels: &[&str],
+    ) -> IntCounterVec {
+        let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+        self.register(c, name, help, "counter")
+    }
+
+    fn gauge(&mut self, name: &'static str, help: &'static str, labels: &[&str]) -> GaugeVec {
+        let g = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+        self.register(g, name, help, "gauge")
+    }
+
+    fn histogram(
+        &mut self,
+        name: &'static str,
+        help: &'static str,
+        labels: &[&str],
+        buckets: &[f64],
+    ) -> HistogramVec {
+        let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+        let h = HistogramVec::new(opts, labels).expect("valid metric");
+        self.register(h, name, help, "histogram")
+    }
+}
+
 impl Metrics {
     pub fn new() -> Self {
-        let registry = Registry::new();
-        let families = std::cell::RefCell::new(Vec::new());
-        let family = |name: &'static str, help: &'static str, kind: &'static str| {
-            families.borrow_mut().push(Family { name, help, kind });
+        let mut b = Builder {
+            registry: Registry::new(),
+            families: Vec::new(),
         };
-        let counter = |name: &'static str, help: &'static str, labels: &[&str]| {
-            family(name, help, "counter");
-            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
-            c
-        };
-        let gauge = |name: &'static str, help: &'static str, labels: &[&str]| {
-            family(name, help, "gauge");
-            let g = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("unique metric");
-            g
-        };
-        let histogram =
-            |name: &'static str, help: &'static str, labels: &[&str], buckets: &[f64]| {
-                family(name, help, "histogram");
-                let h = HistogramVec::new(
-                    HistogramOpts::new(name, help).buckets(buckets.to_vec()),
-                    labels,
-                )
-                .expect("valid metric");
-                registry
-                    .register(Box::new(h.clone()))
-                    .expect("unique metric");
-                h
-            };
-        let mut metrics = Self {
-            requests: counter(
+        Self {
+            requests: b.counter(
                 "orch_requests_total",
                 "Finished jobs by route, provider and HTTP status.",
                 &["task", "provider", "status"],
             ),
-            request_latency: histogram(
+            request_latency: b.histogram(
                 "orch_request_latency_seconds",
                 "From acceptance to the end of the job.",
                 &["task", "provider"],
                 LATENCY_BUCKETS,
             ),
-            upstream_attempts: counter(
+            upstream_attempts: b.counter(
                 "orch_upstream_attempts_total",
                 "Upstream calls by provider and outcome (ok, retry, hop, cooldown, failed, cancelled).",
                 &["provider", "outcome"],
             ),
-            upstream_latency: histogram(
+            upstream_latency: b.histogram(
                 "orch_upstream_latency_seconds",
                 "Duration of one upstream call.",
                 &["provider"],
                 LATENCY_BUCKETS,
             ),
-            queue_depth: gauge(
+            queue_depth: b.gauge(
                 "orch_queue_depth",
                 "Queued jobs per provider, across all instances.",
                 &["provider"],
             ),
-            jobs_running: gauge(
+            jobs_running: b.gauge(
                 "orch_jobs_running",
                 "Running jobs per provider, across all instances.",
                 &["provider"],
             ),
-            tokens: counter(
+            tokens: b.counter(
                 "orch_tokens_total",
                 "Tokens reported by upstreams.",
                 &["provider", "kind"],
             ),
-            provider_cooldown: gauge(
+            provider_cooldown: b.gauge(
                 "orch_provider_cooldown",
                 "Seconds left of the provider's cool-down after a 429 (0 when none).",
                 &["provider"],
             ),
-            time_to_first_token: histogram(
+            time_to_first_token: b.histogram(
                 "orch_time_to_first_token_seconds",
                 "From the start of a streaming call to its first chunk.",
                 &["provider"],
                 LATENCY_BUCKETS,
             ),
-            overhead: histogram(
+            overhead: b.histogram(
                 "orch_overhead_seconds",
                 "Time a request spent in the gateway minus time waiting on upstreams.",
                 &["task"],
                 OVERHEAD_BUCKETS,
             ),
-            registry,
-            families: Vec::new(),
-        };
-        metrics.families = families.into_inner();
-        metrics
+            registry: b.registry,
+            families: b.families,
+        }
     }
 
     pub fn job_finished(&self, job: &Job) {

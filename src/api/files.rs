@@ -16,7 +16,7 @@ use super::chat::check_declared_length;
 use super::error::ApiError;
 use super::{AppState, Caller};
 use crate::queue::BatchStore;
-use crate::queue::batches::{NewFile, StoredFile};
+use crate::queue::batches::{ListOrder, NewFile, StoredFile};
 
 /// Upload limit for files (CONTRACT §2), instead of the normal body limit.
 pub const MAX_FILE_BYTES: usize = 200 * 1024 * 1024;
@@ -94,6 +94,20 @@ pub struct ListQuery {
     pub after: Option<String>,
     pub limit: Option<i64>,
     pub purpose: Option<String>,
+    /// Files only (OpenAI's batch list has no order): `asc` or `desc`.
+    pub order: Option<String>,
+}
+
+/// `order` of a list request: OpenAI's `asc` (oldest first) or `desc` (the default).
+fn list_order(order: Option<&str>) -> Result<ListOrder, ApiError> {
+    match order {
+        None | Some("desc") => Ok(ListOrder::Desc),
+        Some("asc") => Ok(ListOrder::Asc),
+        Some(other) => Err(ApiError::invalid(
+            format!("`order` must be `asc` or `desc`, got `{other}`"),
+            Some("order"),
+        )),
+    }
 }
 
 pub async fn upload(
@@ -218,12 +232,14 @@ pub async fn list(
 ) -> Result<Response, ApiError> {
     let store = store(&app)?;
     let limit = page_limit(q.limit, 10_000, 10_000)?;
+    let order = list_order(q.order.as_deref())?;
     // One row more than asked tells whether another page follows.
     let mut rows = store
         .list_files(
             caller.0.as_deref(),
             q.purpose.as_deref(),
             q.after.as_deref(),
+            order,
             limit + 1,
         )
         .await?;

@@ -169,6 +169,15 @@ pub fn batch_job_error(code: &str, message: &str) -> JobError {
     }
 }
 
+/// The order of a list: OpenAI's `order` query parameter (`desc`, newest first, by default).
+/// Ids are time-ordered, so creation order is id order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ListOrder {
+    Asc,
+    #[default]
+    Desc,
+}
+
 /// Batch and file persistence. Every state change is conditional on the state it leaves,
 /// so several instances (or a restarted one) can run the finalizer at once.
 #[async_trait]
@@ -179,12 +188,13 @@ pub trait BatchStore: Send + Sync {
 
     async fn file_content(&self, id: &str) -> StoreResult<Option<Vec<u8>>>;
 
-    /// Newest first, after the cursor `after` (an id), at most `limit`.
+    /// In `order` of creation, after the cursor `after` (an id), at most `limit`.
     async fn list_files(
         &self,
         caller: Option<&str>,
         purpose: Option<&str>,
         after: Option<&str>,
+        order: ListOrder,
         limit: i64,
     ) -> StoreResult<Vec<StoredFile>>;
 

@@ -7,8 +7,8 @@ use async_trait::async_trait;
 use sqlx::PgPool;
 
 use super::batches::{
-    Batch, BatchEnd, BatchRow, BatchStatus, BatchStore, FileRow, JobCounts, LineError, NewFile,
-    StoredFile, errors_json,
+    Batch, BatchEnd, BatchRow, BatchStatus, BatchStore, FileRow, JobCounts, LineError, ListOrder,
+    NewFile, StoredFile, errors_json,
 };
 use super::row::{JobRow, error_json};
 use super::{Job, JobError, JobStatus, StoreResult};
@@ -92,20 +92,35 @@ impl BatchStore for PgBatchStore {
         caller: Option<&str>,
         purpose: Option<&str>,
         after: Option<&str>,
+        order: ListOrder,
         limit: i64,
     ) -> StoreResult<Vec<StoredFile>> {
-        let rows: Vec<FileRow> = sqlx::query_as(concat!(
-            "SELECT ",
-            file_columns!(),
-            " FROM files WHERE caller = $1 AND ($2::TEXT IS NULL OR purpose = $2) \
-             AND ($3::TEXT IS NULL OR id < $3) ORDER BY id DESC LIMIT $4"
-        ))
-        .bind(caller.unwrap_or(""))
-        .bind(purpose)
-        .bind(after)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
+        // The page after the cursor, in the order asked for.
+        macro_rules! query {
+            ($cmp:literal, $dir:literal) => {
+                concat!(
+                    "SELECT ",
+                    file_columns!(),
+                    " FROM files WHERE caller = $1 AND ($2::TEXT IS NULL OR purpose = $2) \
+                     AND ($3::TEXT IS NULL OR id ",
+                    $cmp,
+                    " $3) ORDER BY id ",
+                    $dir,
+                    " LIMIT $4"
+                )
+            };
+        }
+        let sql = match order {
+            ListOrder::Desc => query!("<", "DESC"),
+            ListOrder::Asc => query!(">", "ASC"),
+        };
+        let rows: Vec<FileRow> = sqlx::query_as(sql)
+            .bind(caller.unwrap_or(""))
+            .bind(purpose)
+            .bind(after)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
         Ok(rows.into_iter().map(StoredFile::from).collect())
     }
 

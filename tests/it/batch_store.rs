@@ -4,7 +4,8 @@
 
 use llm_orch::config::SqliteSync;
 use llm_orch::queue::batches::{
-    Batch, BatchEnd, BatchStatus, BatchStore, LineError, NewFile, StoredFile, batch_job_error,
+    Batch, BatchEnd, BatchStatus, BatchStore, LineError, ListOrder, NewFile, StoredFile,
+    batch_job_error,
 };
 use llm_orch::queue::postgres::PostgresStore;
 use llm_orch::queue::sqlite::SqliteStore;
@@ -77,7 +78,8 @@ fn jobs() -> Vec<NewJob> {
 }
 
 async fn conformance(store: &dyn BatchStore) {
-    // Files: owner-scoped lists, newest (largest id) first, purpose filter, delete.
+    // Files: owner-scoped lists, newest (largest id) first or oldest first, purpose filter,
+    // delete.
     for f in [
         file("file-a", "c1", "batch"),
         file("file-b", "c1", "batch_output"),
@@ -93,19 +95,36 @@ async fn conformance(store: &dyn BatchStore) {
     );
     let ids = |v: Vec<StoredFile>| v.into_iter().map(|f| f.id).collect::<Vec<_>>();
     assert_eq!(
-        ids(store.list_files(Some("c1"), None, None, 10).await.unwrap()),
+        ids(store
+            .list_files(Some("c1"), None, None, ListOrder::Desc, 10)
+            .await
+            .unwrap()),
         ["file-b", "file-a"]
     );
     assert_eq!(
         ids(store
-            .list_files(Some("c1"), Some("batch"), None, 10)
+            .list_files(Some("c1"), None, None, ListOrder::Asc, 10)
+            .await
+            .unwrap()),
+        ["file-a", "file-b"]
+    );
+    assert_eq!(
+        ids(store
+            .list_files(Some("c1"), None, Some("file-a"), ListOrder::Asc, 10)
+            .await
+            .unwrap()),
+        ["file-b"]
+    );
+    assert_eq!(
+        ids(store
+            .list_files(Some("c1"), Some("batch"), None, ListOrder::Desc, 10)
             .await
             .unwrap()),
         ["file-a"]
     );
     assert_eq!(
         ids(store
-            .list_files(Some("c1"), None, Some("file-b"), 10)
+            .list_files(Some("c1"), None, Some("file-b"), ListOrder::Desc, 10)
             .await
             .unwrap()),
         ["file-a"]

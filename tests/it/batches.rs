@@ -484,6 +484,49 @@ async fn list_pages_newest_first() {
     assert_eq!(api.get("/v1/batches?limit=0").await.0, 400);
 }
 
+/// `GET /v1/files` takes OpenAI's `order`: `desc` (newest first) by default, `asc` oldest
+/// first, each paging with `after` in its own direction.
+#[tokio::test]
+async fn files_list_in_either_order() {
+    let providers = "[dummy_a]\ntype = \"dummy\"\nmodel = \"dummy-model\"\n";
+    let app = spawn_app(Options::new(providers, router_yaml(&["dummy_a"], ""))).await;
+    let api = Api::new(&app);
+    let mut ids = vec![];
+    for n in 0..3 {
+        ids.push(
+            api.upload(&jsonl(&[line(&format!("l{n}"), "m", "hi")]))
+                .await,
+        );
+    }
+    let page_ids = |page: &Value| -> Vec<String> {
+        page["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let newest_first: Vec<String> = ids.iter().rev().cloned().collect();
+    for path in ["/v1/files", "/v1/files?order=desc"] {
+        let (code, page) = api.get(path).await;
+        assert_eq!(code, 200, "{page}");
+        assert_eq!(page_ids(&page), newest_first, "{path}");
+    }
+    let (code, page) = api.get("/v1/files?order=asc&limit=2").await;
+    assert_eq!(code, 200, "{page}");
+    assert_eq!(page_ids(&page), ids[..2]);
+    assert_eq!(page["has_more"], true);
+    let (_, rest) = api
+        .get(&format!("/v1/files?order=asc&limit=2&after={}", ids[1]))
+        .await;
+    assert_eq!(page_ids(&rest), ids[2..]);
+    assert_eq!(rest["has_more"], false);
+    let (code, err) = api.get("/v1/files?order=oldest").await;
+    assert_eq!(code, 400);
+    assert_eq!(err["error"]["type"], "invalid_request_error");
+    assert_eq!(err["error"]["param"], "order");
+}
+
 #[tokio::test]
 async fn cancel_stops_queued_lines_and_keeps_what_finished() {
     let fake = FakeOpenAi::start().await;

@@ -17,7 +17,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::error::ApiError;
-use super::{HDR_FALLBACKS, HDR_PROVIDER, HDR_REQUEST_ID, HDR_SHOULD_RETRY};
+use super::{HDR_FALLBACKS, HDR_OPENAI_REQUEST_ID, HDR_PROVIDER, HDR_REQUEST_ID, HDR_SHOULD_RETRY};
 
 /// Request headers browsers may send, beyond the CORS-safelisted ones.
 const ALLOWED: &[&str] = &[
@@ -47,6 +47,7 @@ impl CorsPolicy {
     pub fn new(origins: &[String], extra_headers: &[&str]) -> Self {
         let expose = [
             HDR_REQUEST_ID,
+            HDR_OPENAI_REQUEST_ID,
             HDR_PROVIDER,
             HDR_FALLBACKS,
             HDR_SHOULD_RETRY,

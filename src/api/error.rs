@@ -157,6 +157,8 @@ impl IntoResponse for ApiError {
         if let Some(j) = &self.job_id
             && let Ok(v) = HeaderValue::from_str(j)
         {
+            resp.headers_mut()
+                .insert(super::HDR_OPENAI_REQUEST_ID, v.clone());
             resp.headers_mut().insert(super::HDR_REQUEST_ID, v);
         }
         // The OpenAI SDKs retry a 5xx by sending the request again (3 tries by default),

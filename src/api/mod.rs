@@ -39,6 +39,9 @@ pub type AppState = Arc<AppInner>;
 
 /// Response headers of a job (CONTRACT §4).
 pub const HDR_REQUEST_ID: &str = "x-orch-request-id";
+/// The job id again, under the name OpenAI gives its request ids: the SDKs show it as the
+/// response's request id (`_request_id` in Python), which users already log.
+pub const HDR_OPENAI_REQUEST_ID: &str = "x-request-id";
 pub const HDR_PROVIDER: &str = "x-orch-provider";
 pub const HDR_FALLBACKS: &str = "x-orch-fallback-attempts";
 /// Read by the OpenAI SDKs before they retry an error answer.

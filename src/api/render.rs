@@ -6,13 +6,14 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::error::ApiError;
-use super::{HDR_FALLBACKS, HDR_PROVIDER, HDR_REQUEST_ID};
+use super::{HDR_FALLBACKS, HDR_OPENAI_REQUEST_ID, HDR_PROVIDER, HDR_REQUEST_ID};
 use crate::queue::{Attempt, Job, JobStatus};
 
 /// The `x-orch-*` headers of a job.
 pub fn job_headers(job: &Job) -> HeaderMap {
     let mut h = HeaderMap::new();
     if let Ok(v) = HeaderValue::from_str(&job.id) {
+        h.insert(HDR_OPENAI_REQUEST_ID, v.clone());
         h.insert(HDR_REQUEST_ID, v);
     }
     if let Ok(v) = HeaderValue::from_str(&job.provider) {

@@ -246,6 +246,7 @@ async fn cors_preflight_both_ways() {
         .unwrap();
     for name in [
         "x-orch-request-id",
+        "x-request-id",
         "x-orch-provider",
         "x-orch-fallback-attempts",
     ] {

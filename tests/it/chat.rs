@@ -22,6 +22,8 @@ async fn answers_like_openai_with_job_headers() {
     let resp = app.chat(json!({"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"50256": -100}, "x_custom": 1})).await;
     assert_eq!(resp.status(), 200);
     let id = req_id(&resp);
+    // The same id where the OpenAI SDKs look for a request id.
+    assert_eq!(resp.headers()["x-request-id"].to_str().unwrap(), id);
     assert_eq!(resp.headers()["x-orch-provider"], "up");
     assert_eq!(resp.headers()["x-orch-fallback-attempts"], "0");
     let body: Value = resp.json().await.unwrap();

@@ -227,12 +227,19 @@ impl TestApp {
     }
 }
 
-/// The job id of an answer (`x-orch-request-id`).
+/// The job id of an answer (`x-orch-request-id`), which `x-request-id` repeats.
 pub fn req_id(resp: &reqwest::Response) -> String {
-    resp.headers()["x-orch-request-id"]
+    let id = resp.headers()["x-orch-request-id"]
         .to_str()
         .unwrap()
-        .to_string()
+        .to_string();
+    // Every answer that names its job names it where the OpenAI SDKs look, too.
+    let openai = resp
+        .headers()
+        .get("x-request-id")
+        .map(|v| v.to_str().unwrap());
+    assert_eq!(openai, Some(id.as_str()), "x-request-id");
+    id
 }
 
 pub fn user(text: &str) -> Value {

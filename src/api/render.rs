@@ -9,7 +9,7 @@ use super::error::ApiError;
 use super::{HDR_FALLBACKS, HDR_OPENAI_REQUEST_ID, HDR_PROVIDER, HDR_REQUEST_ID};
 use crate::queue::{Attempt, Job, JobStatus};
 
-/// The `x-orch-*` headers of a job.
+/// The headers that name a job: the `x-orch-*` ones and `x-request-id`.
 pub fn job_headers(job: &Job) -> HeaderMap {
     let mut h = HeaderMap::new();
     if let Ok(v) = HeaderValue::from_str(&job.id) {

@@ -171,10 +171,9 @@ pub fn batch_job_error(code: &str, message: &str) -> JobError {
 
 /// The order of a list: OpenAI's `order` query parameter (`desc`, newest first, by default).
 /// Ids are time-ordered, so creation order is id order.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub enum ListOrder {
     Asc,
-    #[default]
     Desc,
 }
 

@@ -267,6 +267,43 @@ macro_rules! file_columns {
     };
 }
 
+/// `list_files`' query for a `ListOrder`, in a backend's placeholders (caller, purpose
+/// with the cast it needs to be compared with NULL, cursor, limit): the page after the
+/// cursor, in the order asked for.
+#[macro_export]
+macro_rules! list_files_sql {
+    ($order:expr, $caller:literal, $purpose:literal, $after:literal, $limit:literal) => {{
+        macro_rules! page {
+            ($cmp:literal, $dir:literal) => {
+                concat!(
+                    "SELECT ",
+                    $crate::file_columns!(),
+                    " FROM files WHERE caller = ",
+                    $caller,
+                    " AND (",
+                    $purpose,
+                    " IS NULL OR purpose = ",
+                    $purpose,
+                    ") AND (",
+                    $after,
+                    " IS NULL OR id ",
+                    $cmp,
+                    " ",
+                    $after,
+                    ") ORDER BY id ",
+                    $dir,
+                    " LIMIT ",
+                    $limit
+                )
+            };
+        }
+        match $order {
+            $crate::queue::batches::ListOrder::Desc => page!("<", "DESC"),
+            $crate::queue::batches::ListOrder::Asc => page!(">", "ASC"),
+        }
+    }};
+}
+
 #[derive(sqlx::FromRow)]
 pub struct BatchRow {
     id: String,

@@ -10,7 +10,7 @@ use super::batches::{
 use super::row::{JobRow, error_json};
 use super::sqlite::SqliteStore;
 use super::{Job, JobError, JobStatus, StoreResult};
-use crate::{batch_columns, file_columns, job_columns};
+use crate::{batch_columns, file_columns, job_columns, list_files_sql};
 
 /// Sets `status` to ?1 and stamps that status's time column with ?2.
 macro_rules! set_status {
@@ -81,25 +81,7 @@ impl BatchStore for SqliteStore {
         order: ListOrder,
         limit: i64,
     ) -> StoreResult<Vec<StoredFile>> {
-        // The page after the cursor, in the order asked for.
-        macro_rules! query {
-            ($cmp:literal, $dir:literal) => {
-                concat!(
-                    "SELECT ",
-                    file_columns!(),
-                    " FROM files WHERE caller = ?1 AND (?2 IS NULL OR purpose = ?2) \
-                     AND (?3 IS NULL OR id ",
-                    $cmp,
-                    " ?3) ORDER BY id ",
-                    $dir,
-                    " LIMIT ?4"
-                )
-            };
-        }
-        let sql = match order {
-            ListOrder::Desc => query!("<", "DESC"),
-            ListOrder::Asc => query!(">", "ASC"),
-        };
+        let sql = list_files_sql!(order, "?1", "?2", "?3", "?4");
         let rows: Vec<FileRow> = sqlx::query_as(sql)
             .bind(caller.unwrap_or(""))
             .bind(purpose)

@@ -66,6 +66,16 @@ impl Stats {
     }
 }
 
+/// The share of a request's time (sent at `sent`, answered at `done`) that falls inside the
+/// window `from..end`: 1 for a request wholly inside, 0 for one wholly outside.
+fn share_inside(sent: Instant, done: Instant, from: Instant, end: Instant) -> f64 {
+    let inside = done.min(end).saturating_duration_since(sent.max(from));
+    if inside.is_zero() {
+        return 0.0;
+    }
+    inside.as_secs_f64() / (done - sent).as_secs_f64()
+}
+
 /// Runs the load against `url` without a break: `warmup`, then the measured `window`: a
 /// steady state, with neither a start-up wave (every client sending at the same instant)
 /// nor a drain (whose length would be the slowest last request's). Client `i` of `n`
@@ -122,10 +132,8 @@ pub async fn run(
                         Err(_) => false,
                     };
                     let done = Instant::now();
-                    let inside = done.min(end).saturating_duration_since(t.max(from));
-                    if ok && !inside.is_zero() {
-                        done_in_window +=
-                            inside.as_secs_f64() / (done - t).as_secs_f64().max(f64::MIN_POSITIVE);
+                    if ok {
+                        done_in_window += share_inside(t, done, from, end);
                     }
                     if done < from || done > end {
                         continue;
@@ -158,4 +166,77 @@ pub async fn run(
         }
     }
     (sample, (opened, closed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn a_request_counts_by_the_share_of_its_time_inside_the_window() {
+        let t0 = Instant::now();
+        let (from, end) = (t0 + ms(1_000), t0 + ms(3_000));
+        let share = |sent: u64, done: u64| share_inside(t0 + ms(sent), t0 + ms(done), from, end);
+        assert_eq!(share(1_500, 1_700), 1.0);
+        assert_eq!(share(800, 900), 0.0);
+        assert_eq!(share(3_000, 3_100), 0.0);
+        assert!((share(900, 1_100) - 0.5).abs() < 1e-9);
+        assert!((share(2_950, 3_150) - 0.25).abs() < 1e-9);
+        // Longer than the window: the window's share of it.
+        assert!((share(0, 4_000) - 0.5).abs() < 1e-9);
+    }
+
+    /// Why shares, not whole requests: a client whose requests all take 210 ms does
+    /// 2 s / 210 ms = 9.52 of them in a 2 s window wherever the window falls, where
+    /// counting those that complete inside gives 9 or 10 by its phase.
+    #[test]
+    fn the_rate_of_a_steady_client_does_not_depend_on_where_the_window_falls() {
+        let t0 = Instant::now();
+        let (from, end) = (t0 + ms(1_000), t0 + ms(3_000));
+        let took = 210;
+        let mut whole_counts = std::collections::BTreeSet::new();
+        for phase in (0..took).step_by(7) {
+            let (mut shares, mut whole) = (0.0, 0);
+            let mut sent = phase;
+            while sent < 3_500 {
+                let done = sent + took;
+                shares += share_inside(t0 + ms(sent), t0 + ms(done), from, end);
+                if (1_000..=3_000).contains(&done) {
+                    whole += 1;
+                }
+                sent = done;
+            }
+            assert!(
+                (shares - 2_000.0 / took as f64).abs() < 1e-9,
+                "phase {phase}: {shares}"
+            );
+            whole_counts.insert(whole);
+        }
+        assert_eq!(whole_counts.into_iter().collect::<Vec<_>>(), vec![9, 10]);
+    }
+
+    #[test]
+    fn samples_pool_their_latencies_and_add_up_their_windows() {
+        let sample = |lat_ms: &[u64], done: f64, window_ms: u64, errors| Sample {
+            latencies: lat_ms.iter().map(|&m| ms(m)).collect(),
+            errors,
+            done,
+            window: ms(window_ms),
+        };
+        let s = Stats::of(vec![
+            sample(&[1, 2, 3, 4, 5], 500.0, 2_000, 1),
+            sample(&[6, 7, 8, 9, 100], 700.0, 2_000, 2),
+        ]);
+        assert_eq!(s.requests, 1_200.0);
+        assert_eq!(s.rps, 300.0);
+        assert_eq!(s.errors, 3);
+        // Ten latencies: the median is the 5th or 6th (rounded index 4.5 → 5), p99 the last.
+        assert_eq!(s.p50_ms, 6.0);
+        assert_eq!(s.p99_ms, 100.0);
+        assert!(Stats::of(vec![sample(&[], 0.0, 1_000, 0)]).p50_ms.is_nan());
+    }
 }

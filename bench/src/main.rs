@@ -183,7 +183,7 @@ async fn main() {
                 l.small.1,
                 l.large.0,
                 l.large.1,
-                l.large.0 / l.small.0
+                l.ratio()
             );
         }
         println!();

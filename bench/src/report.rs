@@ -38,6 +38,13 @@ pub struct LeaseFigures {
     pub large: (f64, f64),
 }
 
+impl LeaseFigures {
+    /// The large queue's p50 against the small one's.
+    pub fn ratio(&self) -> f64 {
+        self.large.0 / self.small.0
+    }
+}
+
 /// A burst of async jobs against one backend.
 #[derive(Debug, Clone, Copy)]
 pub struct Burst {
@@ -160,8 +167,8 @@ pub fn checks(f: &Figures) -> Vec<Check> {
                 "{}: lease latency with {} queued within 2× of an almost empty queue",
                 l.backend, f.queued
             ),
-            l.large.0 <= 2.0 * l.small.0,
-            format!("{:.2}×", l.large.0 / l.small.0),
+            l.ratio() <= 2.0,
+            format!("{:.2}×", l.ratio()),
         );
     }
     for b in f.bursts {

@@ -217,9 +217,12 @@ async fn main() {
         bursts: &burst_rows,
         burst: args.burst,
     };
-    for check in report::checks(&figures) {
+    let checks = report::checks(&figures);
+    for check in &checks {
         println!("{check}");
     }
+    println!();
+    println!("{}", report::summary(&checks));
     if let Some(admin) = &args.postgres {
         drop_pg_databases(admin).await;
     }

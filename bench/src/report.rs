@@ -193,6 +193,21 @@ pub fn checks(f: &Figures) -> Vec<Check> {
     out
 }
 
+/// One line on the whole: how many targets were met, and which fell short.
+pub fn summary(checks: &[Check]) -> String {
+    let met = checks.iter().filter(|c| c.met).count();
+    let short: Vec<_> = checks
+        .iter()
+        .filter(|c| !c.met)
+        .map(|c| format!("{} ({})", c.target, c.figure))
+        .collect();
+    let mut line = format!("{met} of {} targets met", checks.len());
+    if !short.is_empty() {
+        line += &format!("; short: {}", short.join("; "));
+    }
+    line
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -373,6 +388,23 @@ mod tests {
         assert_eq!(
             the(&c, "postgres: RSS").figure,
             "idle 18.0 MB, peak 46.0 MB, 3 not accepted"
+        );
+    }
+
+    #[test]
+    fn the_summary_counts_the_targets_met_and_names_those_short() {
+        let check = |target: &str, met| Check {
+            target: target.into(),
+            met,
+            figure: "1%".into(),
+        };
+        assert_eq!(
+            summary(&[check("a", true), check("b", true)]),
+            "2 of 2 targets met"
+        );
+        assert_eq!(
+            summary(&[check("a", false), check("b", true), check("c", false)]),
+            "1 of 3 targets met; short: a (1%); c (1%)"
         );
     }
 

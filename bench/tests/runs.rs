@@ -114,6 +114,12 @@ fn every_part_runs(backend: &str, backend_args: &[&str]) -> String {
             .count();
         assert_eq!(verdicts, 1, "target {target:?} in:\n{printed}");
     }
+    // The last line sums them up.
+    let last = printed.lines().rev().find(|l| !l.is_empty()).unwrap_or("");
+    assert!(
+        last.contains(" of 3 targets met"),
+        "no summary at the end:\n{printed}"
+    );
     printed
 }
 

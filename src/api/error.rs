@@ -154,12 +154,8 @@ impl IntoResponse for ApiError {
         }
         // An error about a job (a wait that ran out, a shutdown) names it in the header
         // too, as every answer about a job does, so a client can poll it.
-        if let Some(j) = &self.job_id
-            && let Ok(v) = HeaderValue::from_str(j)
-        {
-            resp.headers_mut()
-                .insert(super::HDR_OPENAI_REQUEST_ID, v.clone());
-            resp.headers_mut().insert(super::HDR_REQUEST_ID, v);
+        if let Some(j) = &self.job_id {
+            super::insert_job_id(resp.headers_mut(), j);
         }
         // The OpenAI SDKs retry a 5xx by sending the request again (3 tries by default),
         // and each retry would become a new job calling upstream while the first one

@@ -47,6 +47,14 @@ pub const HDR_FALLBACKS: &str = "x-orch-fallback-attempts";
 /// Read by the OpenAI SDKs before they retry an error answer.
 pub const HDR_SHOULD_RETRY: &str = "x-should-retry";
 
+/// Names a job in an answer's headers: under ours and under OpenAI's request-id name.
+pub fn insert_job_id(headers: &mut axum::http::HeaderMap, job_id: &str) {
+    if let Ok(v) = axum::http::HeaderValue::from_str(job_id) {
+        headers.insert(HDR_OPENAI_REQUEST_ID, v.clone());
+        headers.insert(HDR_REQUEST_ID, v);
+    }
+}
+
 pub fn router(state: AppState) -> Router {
     let settings = state.shared.settings.clone();
     let task_header = state

@@ -6,16 +6,13 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::error::ApiError;
-use super::{HDR_FALLBACKS, HDR_OPENAI_REQUEST_ID, HDR_PROVIDER, HDR_REQUEST_ID};
+use super::{HDR_FALLBACKS, HDR_PROVIDER, insert_job_id};
 use crate::queue::{Attempt, Job, JobStatus};
 
 /// The headers that name a job: the `x-orch-*` ones and `x-request-id`.
 pub fn job_headers(job: &Job) -> HeaderMap {
     let mut h = HeaderMap::new();
-    if let Ok(v) = HeaderValue::from_str(&job.id) {
-        h.insert(HDR_OPENAI_REQUEST_ID, v.clone());
-        h.insert(HDR_REQUEST_ID, v);
-    }
+    insert_job_id(&mut h, &job.id);
     if let Ok(v) = HeaderValue::from_str(&job.provider) {
         h.insert(HDR_PROVIDER, v);
     }

@@ -93,40 +93,23 @@ async fn conformance(store: &dyn BatchStore) {
         store.file_content("file-a").await.unwrap().unwrap(),
         b"{}\n"
     );
-    let ids = |v: Vec<StoredFile>| v.into_iter().map(|f| f.id).collect::<Vec<_>>();
-    assert_eq!(
-        ids(store
-            .list_files(Some("c1"), None, None, ListOrder::Desc, 10)
+    // Caller c1's files, by purpose, cursor and order: their ids.
+    let list = |purpose, after, order| async move {
+        let files: Vec<StoredFile> = store
+            .list_files(Some("c1"), purpose, after, order, 10)
             .await
-            .unwrap()),
+            .unwrap();
+        files.into_iter().map(|f| f.id).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        list(None, None, ListOrder::Desc).await,
         ["file-b", "file-a"]
     );
+    assert_eq!(list(None, None, ListOrder::Asc).await, ["file-a", "file-b"]);
+    assert_eq!(list(None, Some("file-a"), ListOrder::Asc).await, ["file-b"]);
+    assert_eq!(list(Some("batch"), None, ListOrder::Desc).await, ["file-a"]);
     assert_eq!(
-        ids(store
-            .list_files(Some("c1"), None, None, ListOrder::Asc, 10)
-            .await
-            .unwrap()),
-        ["file-a", "file-b"]
-    );
-    assert_eq!(
-        ids(store
-            .list_files(Some("c1"), None, Some("file-a"), ListOrder::Asc, 10)
-            .await
-            .unwrap()),
-        ["file-b"]
-    );
-    assert_eq!(
-        ids(store
-            .list_files(Some("c1"), Some("batch"), None, ListOrder::Desc, 10)
-            .await
-            .unwrap()),
-        ["file-a"]
-    );
-    assert_eq!(
-        ids(store
-            .list_files(Some("c1"), None, Some("file-b"), ListOrder::Desc, 10)
-            .await
-            .unwrap()),
+        list(None, Some("file-b"), ListOrder::Desc).await,
         ["file-a"]
     );
     assert!(store.delete_file("file-c").await.unwrap());

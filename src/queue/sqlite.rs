@@ -522,13 +522,16 @@ impl QueueStore for SqliteStore {
         if ids.is_empty() {
             return Ok(());
         }
-        let ids = ids.to_vec();
+        // One statement for the whole batch (hundreds of ids under load, each looked up by the
+        // primary key): a statement per id kept the single writer busy with overhead that
+        // the request path waits behind (docs/BENCHMARKS.md, fifteenth round).
+        let ids = serde_json::to_string(ids).map_err(|e| StoreError::Write(e.to_string()))?;
         self.writer
             .write(move |conn| {
-                for id in &ids {
-                    conn.prepare_cached("UPDATE jobs SET metrics_written = 1 WHERE id = ?1")?
-                        .execute(params![id])?;
-                }
+                conn.prepare_cached(
+                    "UPDATE jobs SET metrics_written = 1 WHERE id IN (SELECT value FROM json_each(?1))",
+                )?
+                .execute(params![ids])?;
                 Ok(())
             })
             .await

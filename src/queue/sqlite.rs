@@ -525,7 +525,7 @@ impl QueueStore for SqliteStore {
         // One statement for the whole batch (hundreds of ids under load, each looked up by the
         // primary key): a statement per id kept the single writer busy with overhead that
         // the request path waits behind (docs/BENCHMARKS.md, fifteenth round).
-        let ids = serde_json::to_string(ids).map_err(|e| StoreError::Write(e.to_string()))?;
+        let ids = json_each_arg(ids)?;
         self.writer
             .write(move |conn| {
                 conn.prepare_cached(
@@ -557,6 +557,12 @@ impl QueueStore for SqliteStore {
             })
             .await
     }
+}
+
+/// A list as the JSON text a `json_each(?)` in the SQL expands: one statement over many
+/// values instead of a statement per value.
+pub(super) fn json_each_arg<T: serde::Serialize>(items: &[T]) -> StoreResult<String> {
+    serde_json::to_string(items).map_err(|e| StoreError::Write(e.to_string()))
 }
 
 /// Inserts the job, or finds the one its idempotency key already names.

@@ -8,7 +8,7 @@ use super::batches::{
     NewFile, StoredFile, errors_json,
 };
 use super::row::{JobRow, error_json};
-use super::sqlite::SqliteStore;
+use super::sqlite::{SqliteStore, json_each_arg};
 use super::{Job, JobError, JobStatus, StoreResult};
 use crate::{batch_columns, file_columns, job_columns, list_files_sql};
 
@@ -175,7 +175,7 @@ impl BatchStore for SqliteStore {
     }
 
     async fn batches_in(&self, statuses: &[BatchStatus], limit: i64) -> StoreResult<Vec<Batch>> {
-        let list = serde_json::to_string(&statuses).unwrap_or_else(|_| "[]".into());
+        let list = json_each_arg(statuses)?;
         let rows: Vec<BatchRow> = sqlx::query_as(concat!(
             "SELECT ",
             batch_columns!(),
@@ -195,7 +195,7 @@ impl BatchStore for SqliteStore {
         to: BatchStatus,
         at: i64,
     ) -> StoreResult<bool> {
-        let from = serde_json::to_string(&from).unwrap_or_else(|_| "[]".into());
+        let from = json_each_arg(from)?;
         let id = id.to_owned();
         self.writer
             .write(move |conn| {

@@ -245,6 +245,42 @@ fn check_config_warns_of_a_key_variable_that_is_not_set() {
     assert!(!String::from_utf8_lossy(&out.stderr).contains("auth_env"));
 }
 
+/// The config the repository ships is the contract's example: a user who starts the
+/// gateway as the README says finds the routes the contract names, on real providers and
+/// on the dummies alike.
+#[test]
+fn the_shipped_config_holds_the_contracts_routes() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    for dummy in [false, true] {
+        let mut cmd = bin();
+        cmd.arg("check-config")
+            .env("ORCH_CONFIG_DIR", &dir)
+            .env_remove("ORCH_USE_DUMMY");
+        if dummy {
+            cmd.env("ORCH_USE_DUMMY", "1");
+        }
+        let out = cmd.output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "dummy={dummy}: {stdout}");
+        let lines: Vec<String> = stdout
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect();
+        for route in [
+            "PLAN priority frontier_primary -> frontier_backup -> local_7b",
+            "CRITIQUE weighted frontier_primary(w=3) -> frontier_backup(w=1)",
+            "CODE sticky(ttl=30s) hosted_fast -> local_7b",
+            "DEFAULT priority hosted_fast -> local_7b",
+            "defaults: temperature=0.2 max_tokens=2048 task_header=x-orch-task-kind",
+        ] {
+            assert!(
+                lines.iter().any(|l| l == route),
+                "dummy={dummy}: no `{route}` in\n{stdout}"
+            );
+        }
+    }
+}
+
 #[test]
 fn check_config_prints_routes_or_every_problem() {
     let dir = tempfile::tempdir().unwrap();

@@ -21,6 +21,7 @@ pub mod worker;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -187,7 +188,7 @@ impl App {
         );
         let app = api::router(state.clone());
         let stop = shutdown.clone();
-        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let serve = axum::serve(without_nagle(listener), app).with_graceful_shutdown(async move {
             stop.cancelled().await;
             tracing::info!("shutting down: no new requests");
         });
@@ -233,5 +234,36 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {}
         _ = term => {}
+    }
+}
+
+/// `listener`, with TCP_NODELAY set on every connection it accepts. Without it, a
+/// streamed answer's next chunk waits for the client to acknowledge the previous one,
+/// which a client that only reads delays by up to 40 ms (Nagle's algorithm meeting
+/// delayed ACKs): on a kept-alive connection, a stall in most streams.
+fn without_nagle(
+    listener: TcpListener,
+) -> impl axum::serve::Listener<Io = tokio::net::TcpStream, Addr = SocketAddr> {
+    listener.tap_io(|conn| {
+        if let Err(e) = conn.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY on a connection");
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::serve::Listener;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_send_without_waiting_for_acks() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut listener = without_nagle(listener);
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (conn, _) = listener.accept().await;
+        assert!(conn.nodelay().unwrap());
     }
 }

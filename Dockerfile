@@ -16,7 +16,8 @@ RUN mkdir -p src bench/src && echo 'fn main() {}' > src/main.rs && echo '' > src
     && cargo build --release --locked --bin llm-orch \
     && rm -rf src
 COPY src ./src
-# sqlx::migrate! embeds the migrations at compile time.
+# sqlx::migrate! embeds the migrations at compile time (build.rs: a new one rebuilds).
+COPY build.rs ./
 COPY migrations ./migrations
 RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin llm-orch
 

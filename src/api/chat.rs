@@ -479,8 +479,8 @@ async fn open_stream(
             .map(Arc::new),
     };
     let headers = match now_on {
-        Some(job) => render::job_headers(&job),
-        None => render::job_headers(&accepted_view(new)),
+        Some(job) => render::stream_headers(&job),
+        None => render::stream_headers(&accepted_view(new)),
     };
     let state = SseState {
         app: app.clone(),

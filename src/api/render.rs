@@ -20,6 +20,15 @@ pub fn job_headers(job: &Job) -> HeaderMap {
     h
 }
 
+/// The headers of a streamed answer about `job`: its `job_headers`, and
+/// `x-accel-buffering: no`, which keeps a reverse proxy in front of the gateway (nginx and
+/// those that follow its convention) from holding chunks back until its buffer fills.
+pub fn stream_headers(job: &Job) -> HeaderMap {
+    let mut h = job_headers(job);
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    h
+}
+
 /// The answer to a synchronous request whose job finished: the stored completion as
 /// it is (no re-serialising), or the job's error.
 pub fn finished(job: &Job) -> Response {

@@ -22,7 +22,7 @@ pub fn stream(job: &Job, completion: &Value, include_usage: bool) -> Response {
         .map(Ok)
         .collect();
     let mut resp = Sse::new(futures::stream::iter(events)).into_response();
-    resp.headers_mut().extend(render::job_headers(job));
+    resp.headers_mut().extend(render::stream_headers(job));
     resp
 }
 

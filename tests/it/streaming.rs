@@ -35,6 +35,8 @@ async fn streams_have_one_shape_for_every_provider() {
         let resp = f.chat(route, streamed("hi there", true)).await;
         assert_eq!(resp.status(), 200, "{route}");
         assert_eq!(resp.headers()["content-type"], "text/event-stream");
+        assert_eq!(resp.headers()["cache-control"], "no-cache");
+        assert_eq!(resp.headers()["x-accel-buffering"], "no");
         assert_eq!(resp.headers()["x-orch-provider"], provider);
         let sse = Sse::read(resp).await;
         assert!(sse.ends_with_done(), "{route}: {:?}", sse.data);
@@ -108,6 +110,7 @@ async fn a_repeated_stream_gets_the_first_answer_as_a_stream() {
             .await;
         assert_eq!(again.status(), 200);
         assert_eq!(again.headers()["content-type"], "text/event-stream");
+        assert_eq!(again.headers()["x-accel-buffering"], "no");
         assert_eq!(req_id(&again), id);
         assert_eq!(again.headers()["x-orch-provider"], "oa");
         let sse = Sse::read(again).await;

@@ -46,6 +46,9 @@ pub const HDR_PROVIDER: &str = "x-orch-provider";
 pub const HDR_FALLBACKS: &str = "x-orch-fallback-attempts";
 /// Read by the OpenAI SDKs before they retry an error answer.
 pub const HDR_SHOULD_RETRY: &str = "x-should-retry";
+/// `no` on a streamed answer: a reverse proxy in front of the gateway (nginx, and those that
+/// follow its convention) passes chunks on as they come instead of filling its buffer.
+pub const HDR_ACCEL_BUFFERING: &str = "x-accel-buffering";
 
 /// Names a job in an answer's headers: under ours and under OpenAI's request-id name.
 pub fn insert_job_id(headers: &mut axum::http::HeaderMap, job_id: &str) {

@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::error::ApiError;
-use super::{HDR_FALLBACKS, HDR_PROVIDER, insert_job_id};
+use super::{HDR_ACCEL_BUFFERING, HDR_FALLBACKS, HDR_PROVIDER, insert_job_id};
 use crate::queue::{Attempt, Job, JobStatus};
 
 /// The headers that name a job: the `x-orch-*` ones and `x-request-id`.
@@ -21,11 +21,10 @@ pub fn job_headers(job: &Job) -> HeaderMap {
 }
 
 /// The headers of a streamed answer about `job`: its `job_headers`, and
-/// `x-accel-buffering: no`, which keeps a reverse proxy in front of the gateway (nginx and
-/// those that follow its convention) from holding chunks back until its buffer fills.
+/// `x-accel-buffering: no`, so that a proxy in front does not hold chunks back.
 pub fn stream_headers(job: &Job) -> HeaderMap {
     let mut h = job_headers(job);
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    h.insert(HDR_ACCEL_BUFFERING, HeaderValue::from_static("no"));
     h
 }
 

@@ -1,6 +1,7 @@
 //! One leased job: the upstream call with its lease kept alive, then the policy's verdict
 //! written back in one transaction.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -214,6 +215,18 @@ async fn cancel_for_disconnect(shared: &Shared, job_id: &str) {
     }
 }
 
+/// The providers that have failed the job so far, from its attempts. Unread (a database
+/// hiccup), none: the job may then go back to one of them, which costs a call, not the job.
+async fn spent_on(shared: &Shared, job_id: &str) -> HashSet<String> {
+    match shared.store.get_attempts(job_id).await {
+        Ok(attempts) => policy::spent_providers(&attempts),
+        Err(e) => {
+            tracing::warn!(job_id = %job_id, error = %e, "could not read the job's attempts");
+            HashSet::new()
+        }
+    }
+}
+
 async fn settle(
     shared: &Shared,
     provider: &dyn Provider,
@@ -255,11 +268,18 @@ async fn settle(
                 .map(|b| (b.failure_threshold, (b.recovery_time_s * 1000.0) as i64));
             // No retry on a provider removed meanwhile: no pool would lease it.
             let removed = shared.is_removed(&cfg.name);
+            let max_retries = if removed { 0 } else { cfg.max_retries };
+            let spent = if policy::may_leave(&class, &job, max_retries) {
+                spent_on(shared, &job.id).await
+            } else {
+                HashSet::new()
+            };
             let ctx = policy::Context {
                 job: &job,
                 now,
-                max_retries: if removed { 0 } else { cfg.max_retries },
+                max_retries,
                 unavailable_until: &unavailable,
+                spent: &spent,
                 breaker,
             };
             let code = match &err {

@@ -2,13 +2,13 @@
 //! wait out a cool-down, or fail. Pure functions of the attempt's result, the job and
 //! the providers' shared state, so every rule is unit-tested without a network.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use rand::Rng;
 
 use crate::providers::ProviderError;
-use crate::queue::{AttemptOutcome, Job, JobError, ProviderEffect, Transition};
+use crate::queue::{Attempt, AttemptOutcome, Job, JobError, ProviderEffect, Transition};
 
 /// How the worker sees a failed call.
 #[derive(Debug, Clone, PartialEq)]
@@ -60,6 +60,9 @@ pub struct Context<'a> {
     pub max_retries: u32,
     /// When each provider of the chain can take calls again (cool-down or open breaker), ms.
     pub unavailable_until: &'a HashMap<String, i64>,
+    /// The providers that have failed this job already: their retries ran out on it
+    /// (`spent_providers` of its attempts). The job does not go back to them.
+    pub spent: &'a HashSet<String>,
     /// Breaker settings of the current provider: (failure threshold, open for ms).
     pub breaker: Option<(u32, i64)>,
 }
@@ -115,11 +118,16 @@ pub fn on_failure(err: &ProviderError, class: &FailureClass, ctx: &Context<'_>) 
                 cooldown_until: Some(until),
                 ..Default::default()
             };
-            if let Some(hop) = next_available(job, &unavailable, ctx.now) {
+            // A 429 is no failure of this job: the provider stays a candidate for it.
+            let mut spent = ctx.spent.clone();
+            spent.remove(&job.provider);
+            if let Some(hop) = next_available(job, &unavailable, &spent, ctx.now) {
                 return requeue(job, hop, ctx.now, AttemptOutcome::Hop, effect);
             }
-            // Every provider is cooling down: wait for the first to come back, within the deadline.
-            let (hop, at) = earliest(job, &unavailable, ctx.now);
+            // Every provider left is cooling down: wait for the first to come back, within
+            // the deadline (the current one is always left, so there is a first).
+            let (hop, at) =
+                earliest(job, &unavailable, &spent, ctx.now).unwrap_or((job.hop, i64::MAX));
             if at <= job.deadline_at {
                 return requeue(job, hop, at, AttemptOutcome::Cooldown, effect);
             }
@@ -133,14 +141,23 @@ pub fn on_failure(err: &ProviderError, class: &FailureClass, ctx: &Context<'_>) 
             }
         }
         FailureClass::Retryable { .. } => {
-            let retries_used = job.hop_tries - 1;
-            if retries_used < i64::from(ctx.max_retries) {
-                let at =
-                    ctx.now + i64::try_from(backoff(retries_used + 1).as_millis()).unwrap_or(0);
+            if retries_left(job, ctx.max_retries) {
+                let at = ctx.now + i64::try_from(backoff(job.hop_tries).as_millis()).unwrap_or(0);
                 return requeue(job, job.hop, at, AttemptOutcome::Retry, failure_effect);
             }
-            if let Some(hop) = next_available(job, ctx.unavailable_until, ctx.now) {
+            let mut spent = ctx.spent.clone();
+            spent.insert(job.provider.clone());
+            if let Some(hop) = next_available(job, ctx.unavailable_until, &spent, ctx.now) {
                 return requeue(job, hop, ctx.now, AttemptOutcome::Hop, failure_effect);
+            }
+            // The providers that have not failed this job are cooling down (or their
+            // breaker is open): one that comes back within the deadline is waited for, as
+            // after a 429. Only when none is left, or none comes back in time, does the
+            // job fail.
+            if let Some((hop, at)) = earliest(job, ctx.unavailable_until, &spent, ctx.now)
+                && at <= job.deadline_at
+            {
+                return requeue(job, hop, at, AttemptOutcome::Hop, failure_effect);
             }
             Decision {
                 outcome: AttemptOutcome::Failed,
@@ -190,22 +207,67 @@ pub fn rate_limited_error(task: &str, last: &str, wait_ms: i64) -> JobError {
     }
 }
 
-/// The first provider after the current one that can take calls now.
+/// The first provider after the current one that can take calls now and has not failed
+/// the job (`spent`).
 pub fn next_available(
     job: &Job,
     unavailable_until: &HashMap<String, i64>,
+    spent: &HashSet<String>,
     now: i64,
 ) -> Option<usize> {
     (job.hop + 1..job.chain.len()).find(|&i| {
-        unavailable_until
-            .get(&job.chain[i])
-            .is_none_or(|&t| t <= now)
+        !spent.contains(&job.chain[i])
+            && unavailable_until
+                .get(&job.chain[i])
+                .is_none_or(|&t| t <= now)
     })
 }
 
-/// The provider of the chain that becomes available first, and when.
-pub fn earliest(job: &Job, unavailable_until: &HashMap<String, i64>, now: i64) -> (usize, i64) {
-    first_available(&job.chain, unavailable_until, now)
+/// The provider of the chain that has not failed the job (`spent`) and becomes available
+/// first, and when; `None` when every provider has failed it.
+pub fn earliest(
+    job: &Job,
+    unavailable_until: &HashMap<String, i64>,
+    spent: &HashSet<String>,
+    now: i64,
+) -> Option<(usize, i64)> {
+    let candidates = job.chain.iter().enumerate();
+    soonest(
+        candidates.filter(|(_, p)| !spent.contains(*p)),
+        unavailable_until,
+        now,
+    )
+}
+
+/// The providers whose retries ran out on a job, read from its attempts: those it left
+/// (or failed on) after a failure that was not a 429. A 429 only sends the job on.
+pub fn spent_providers(attempts: &[Attempt]) -> HashSet<String> {
+    attempts
+        .iter()
+        .filter(|a| {
+            matches!(
+                a.outcome.as_str(),
+                o if o == AttemptOutcome::Hop.as_str() || o == AttemptOutcome::Failed.as_str()
+            ) && a.status_code != Some(429)
+        })
+        .map(|a| a.provider.clone())
+        .collect()
+}
+
+/// Whether the job may try its current provider again: `hop_tries` counts the tries on
+/// it so far, this one included.
+fn retries_left(job: &Job, max_retries: u32) -> bool {
+    job.hop_tries - 1 < i64::from(max_retries)
+}
+
+/// Whether the decision after this failure may send the job to another provider, and so
+/// needs to know which providers have failed it (`Context::spent`).
+pub fn may_leave(class: &FailureClass, job: &Job, max_retries: u32) -> bool {
+    match class {
+        FailureClass::RateLimited { .. } => true,
+        FailureClass::Retryable { .. } => !retries_left(job, max_retries),
+        FailureClass::Fatal { .. } | FailureClass::Invalid => false,
+    }
 }
 
 /// Where a new job starts: the first provider of the chain that is available, else the
@@ -215,14 +277,24 @@ pub fn first_available(
     unavailable_until: &HashMap<String, i64>,
     now: i64,
 ) -> (usize, i64) {
-    let mut best = (0, i64::MAX);
-    for (i, p) in chain.iter().enumerate() {
+    soonest(chain.iter().enumerate(), unavailable_until, now).unwrap_or((0, i64::MAX))
+}
+
+/// Of `candidates` (chain position, provider) in chain order, the first available now,
+/// else the one available soonest, with that moment.
+fn soonest<'p>(
+    candidates: impl Iterator<Item = (usize, &'p String)>,
+    unavailable_until: &HashMap<String, i64>,
+    now: i64,
+) -> Option<(usize, i64)> {
+    let mut best: Option<(usize, i64)> = None;
+    for (i, p) in candidates {
         let at = unavailable_until.get(p).copied().unwrap_or(now).max(now);
         if at == now {
-            return (i, now);
+            return Some((i, now));
         }
-        if at < best.1 {
-            best = (i, at);
+        if best.is_none_or(|(_, b)| at < b) {
+            best = Some((i, at));
         }
     }
     best
@@ -294,12 +366,32 @@ mod tests {
     }
 
     fn decide(err: ProviderError, job: &Job, unavailable: &HashMap<String, i64>) -> Decision {
+        decide_spent(err, job, unavailable, &[])
+    }
+
+    fn requeued(hop: usize, provider: &str, run_at: i64) -> Transition {
+        Transition::Requeue {
+            hop,
+            provider: provider.into(),
+            run_at,
+        }
+    }
+
+    /// As `decide`, for a job that the providers `spent` have failed already.
+    fn decide_spent(
+        err: ProviderError,
+        job: &Job,
+        unavailable: &HashMap<String, i64>,
+        spent: &[&str],
+    ) -> Decision {
         let class = classify(&err, Duration::from_secs(30));
+        let spent: HashSet<String> = spent.iter().map(|p| p.to_string()).collect();
         let ctx = Context {
             job,
             now: 1_000,
             max_retries: 2,
             unavailable_until: unavailable,
+            spent: &spent,
             breaker: None,
         };
         on_failure(&err, &class, &ctx)
@@ -379,7 +471,8 @@ mod tests {
             }
         );
 
-        let d = decide(status(503, None), &job(&["a", "b"], 1, 3), &none);
+        // On `b`, after `a` failed the job too.
+        let d = decide_spent(status(503, None), &job(&["a", "b"], 1, 3), &none, &["a"]);
         let Transition::Fail { error, .. } = d.transition else {
             panic!()
         };
@@ -476,6 +569,105 @@ mod tests {
                 run_at: 1_000
             }
         );
+    }
+
+    /// `a` failed the job (its retries ran out), `b` answered 429: the job waits for `b`
+    /// rather than going back to `a`, whose cool-down-free state says nothing about it.
+    #[test]
+    fn a_rate_limit_does_not_send_the_job_back_to_a_provider_that_failed_it() {
+        let d = decide_spent(
+            status(429, Some(5)),
+            &job(&["a", "b"], 1, 1),
+            &HashMap::new(),
+            &["a"],
+        );
+        assert_eq!(d.outcome, AttemptOutcome::Cooldown);
+        assert_eq!(d.transition, requeued(1, "b", 6_000));
+        // Without that history, `a` (free now) takes it, as a provider that only cooled
+        // down would.
+        let d = decide(
+            status(429, Some(5)),
+            &job(&["a", "b"], 1, 1),
+            &HashMap::new(),
+        );
+        assert_eq!(d.transition, requeued(0, "a", 1_000));
+    }
+
+    /// Retries ran out on `a`; `b` cools down until 4 s, within the deadline: the job
+    /// waits for it instead of failing with 502.
+    #[test]
+    fn exhausted_retries_wait_for_a_later_provider_that_is_cooling_down() {
+        let mut unavailable = HashMap::new();
+        unavailable.insert("b".to_string(), 4_000);
+        let d = decide(status(503, None), &job(&["a", "b"], 0, 3), &unavailable);
+        assert_eq!(d.outcome, AttemptOutcome::Hop);
+        assert_eq!(d.transition, requeued(1, "b", 4_000));
+        // The failure still counts against `a`.
+        assert_eq!(d.effect.success, Some(false));
+    }
+
+    /// A provider skipped when the job started (it was cooling down) and back now is
+    /// tried before the job fails, though it comes before the current one.
+    #[test]
+    fn exhausted_retries_go_back_to_a_provider_that_never_failed_the_job() {
+        let d = decide(status(500, None), &job(&["a", "b"], 1, 3), &HashMap::new());
+        assert_eq!(d.outcome, AttemptOutcome::Hop);
+        assert_eq!(d.transition, requeued(0, "a", 1_000));
+    }
+
+    #[test]
+    fn exhausted_retries_fail_when_every_other_provider_failed_or_returns_too_late() {
+        let fails_502 = |d: Decision| {
+            let Transition::Fail { error, .. } = d.transition else {
+                panic!("{d:?}")
+            };
+            assert_eq!(
+                (error.status, error.kind.as_str()),
+                (502, "provider_server_error")
+            );
+        };
+        // Every other provider failed the job.
+        fails_502(decide_spent(
+            status(500, None),
+            &job(&["a", "b", "c"], 2, 3),
+            &HashMap::new(),
+            &["a", "b"],
+        ));
+        // The one left cools down past the deadline.
+        let late = job(&["a", "b"], 0, 3);
+        let mut unavailable = HashMap::new();
+        unavailable.insert("b".to_string(), late.deadline_at + 1);
+        fails_502(decide(status(500, None), &late, &unavailable));
+    }
+
+    #[test]
+    fn spent_providers_are_those_left_after_failures_other_than_429() {
+        let attempt = |provider: &str, outcome: &str, status_code: Option<i64>| Attempt {
+            job_id: "j".into(),
+            n: 1,
+            provider: provider.into(),
+            model: "m".into(),
+            instance: "i".into(),
+            started_at: 0,
+            finished_at: Some(1),
+            status_code,
+            outcome: outcome.into(),
+            error: None,
+            tokens: 0,
+        };
+        let attempts = [
+            attempt("a", "retry", Some(500)),
+            attempt("a", "hop", Some(500)),
+            attempt("b", "hop", Some(429)),
+            attempt("c", "hop", None),
+            attempt("d", "cooldown", Some(429)),
+            attempt("e", "lost", None),
+            attempt("f", "running", None),
+        ];
+        let spent = spent_providers(&attempts);
+        let mut spent: Vec<&str> = spent.iter().map(String::as_str).collect();
+        spent.sort_unstable();
+        assert_eq!(spent, ["a", "c"]);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! Jobs queued on a provider that a config reload removed move on the same way, to the
 //! next provider of their chain still configured, or fail when none is.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 
 use super::Shared;
@@ -34,10 +34,14 @@ pub async fn reroute(shared: &Shared, provider: &str) -> usize {
     let now = chrono::Utc::now().timestamp_millis();
     let mut moves = Vec::new();
     let mut failed = 0;
+    let no_history = HashSet::new();
     for job in jobs {
         // Off a removed provider, a job takes the next configured one even while it cools
         // down: that provider's pool waits out the cool-down, as for any job queued there.
-        let next = next_available(&job, &unavailable, now).or_else(|| {
+        // Moves go forward only; which providers failed a queued job (its attempts) is
+        // not read here, one query per job per pass: the policy reads it when the job's
+        // own call fails.
+        let next = next_available(&job, &unavailable, &no_history, now).or_else(|| {
             removed
                 .then(|| {
                     (job.hop + 1..job.chain.len()).find(|&i| !shared.is_removed(&job.chain[i]))
@@ -53,7 +57,7 @@ pub async fn reroute(shared: &Shared, provider: &str) -> usize {
             });
             continue;
         }
-        let (_, at) = earliest(&job, &unavailable, now);
+        let (_, at) = earliest(&job, &unavailable, &no_history, now).unwrap_or((job.hop, i64::MAX));
         if at > job.deadline_at || removed {
             failed += fail_stranded(shared, provider, removed, job, at, now).await;
         }

@@ -64,6 +64,59 @@ async fn exhausted_retries_hop_to_the_next_provider() {
     assert_eq!((a.call_count(), b.call_count()), (2, 1));
 }
 
+/// `b` is cooling down (a 429 of an earlier request) when `a`'s retries run out: the
+/// job waits for `b`, within its deadline, instead of failing with 502 while a provider
+/// that has not failed it is about to come back.
+#[tokio::test]
+async fn exhausted_retries_wait_for_a_later_provider_that_is_cooling_down() {
+    let (a, b, app) = two("max_retries = 0", "", &[]).await;
+    b.script([Reply::rate_limited("2")]);
+    // An earlier request on `b` alone (a model that names a provider) meets its 429.
+    let earlier = app
+        .chat_with(
+            json!({"model": "b", "messages": [{"role": "user", "content": "first"}]}),
+            &[("x-orch-async", "true")],
+        )
+        .await;
+    assert_eq!(earlier.status(), 202);
+    let until = Instant::now() + Duration::from_secs(10);
+    while b.call_count() == 0 {
+        assert!(Instant::now() < until, "b was never called");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    a.script([Reply::status(500)]);
+    let started = Instant::now();
+    let resp = app.chat(user("wait for b")).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-orch-provider"], "b");
+    assert_eq!(resp.headers()["x-orch-fallback-attempts"], "1");
+    // Most of b's 2 s were left when a failed.
+    assert!(
+        started.elapsed() >= Duration::from_millis(1_000),
+        "{:?}",
+        started.elapsed()
+    );
+    let job = app.job_of(&resp).await;
+    assert_eq!(outcomes(&job), ["hop", "ok"]);
+    assert_eq!((a.call_count(), b.call_count()), (1, 3));
+}
+
+/// A 429 on the last provider sends the job to wait for that provider, not back to an
+/// earlier one whose retries ran out on this job (which, not cooling down, would look
+/// free).
+#[tokio::test]
+async fn a_429_does_not_send_the_job_back_to_a_provider_that_failed_it() {
+    let (a, b, app) = two("max_retries = 0", "", &[]).await;
+    a.script([Reply::status(500)]);
+    b.script([Reply::rate_limited("1")]);
+    let resp = app.chat(user("no way back")).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-orch-provider"], "b");
+    let job = app.job_of(&resp).await;
+    assert_eq!(outcomes(&job), ["hop", "cooldown", "ok"]);
+    assert_eq!((a.call_count(), b.call_count()), (1, 2));
+}
+
 #[tokio::test]
 async fn every_provider_failing_gives_502_with_the_last_error() {
     let (a, b, app) = two("max_retries = 0", "max_retries = 1", &[]).await;

@@ -64,8 +64,8 @@ pub fn chat_request(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
     )?;
     expect(
         "n",
-        |v| v.as_u64().is_some_and(|n| n >= 1),
-        "a positive integer",
+        |v| v.as_u64().is_some_and(|n| (1..=128).contains(&n)),
+        "an integer from 1 to 128",
     )?;
     expect("stream", Value::is_boolean, "a boolean")?;
     expect("stream_options", Value::is_object, "an object")?;
@@ -334,6 +334,13 @@ mod tests {
         assert_eq!(e.message, "`max_tokens` must be a positive integer, got 0");
         let e = err(&format!(r#"{{"messages":{m},"stream":"yes"}}"#));
         assert_eq!(e.message, "`stream` must be a boolean, got a string");
+        // OpenAI's own bound on `n`.
+        let e = err(&format!(r#"{{"messages":{m},"n":129}}"#));
+        assert_eq!(
+            (e.message.as_str(), e.param.as_deref()),
+            ("`n` must be an integer from 1 to 128, got 129", Some("n"))
+        );
+        assert!(chat_request(format!(r#"{{"messages":{m},"n":128}}"#).as_bytes()).is_ok());
     }
 
     #[test]

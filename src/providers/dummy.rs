@@ -16,6 +16,8 @@ impl Dummy {
         Self { cfg }
     }
 
+    /// The answer and its usage for all `n` choices (each choice is the same answer;
+    /// OpenAI counts completion tokens over every choice).
     fn answer(&self, body: &ChatBody) -> (String, Usage) {
         let text = format!("dummy:{}", last_user_text(body));
         let prompt_words: usize = body
@@ -27,12 +29,30 @@ impl Dummy {
                     .sum()
             })
             .unwrap_or(0);
+        let per_choice = text.split_whitespace().count().max(1) * choices_asked(body);
         let usage = Usage {
             prompt: Some(prompt_words.max(1) as i64),
-            completion: Some(text.split_whitespace().count().max(1) as i64),
+            completion: Some(per_choice as i64),
         };
         (text, usage)
     }
+}
+
+/// How many choices the request asks for: `n`, which the API has checked to be 1–128.
+fn choices_asked(body: &ChatBody) -> usize {
+    body.get("n")
+        .and_then(Value::as_u64)
+        .map_or(1, |n| usize::try_from(n.clamp(1, 128)).unwrap_or(1))
+}
+
+/// `chunk` (one choice's) as the same chunk of choice `index`.
+fn of_choice(mut chunk: Value, index: usize) -> Value {
+    if let Some(choices) = chunk.get_mut("choices").and_then(Value::as_array_mut) {
+        for c in choices {
+            c["index"] = Value::from(index);
+        }
+    }
+    chunk
 }
 
 #[async_trait]
@@ -44,14 +64,11 @@ impl Provider for Dummy {
     async fn complete(&self, body: &ChatBody) -> Result<Completion, ProviderError> {
         let (text, usage) = self.answer(body);
         let id = wire::completion_id();
-        Ok(wire::completion(
-            &id,
-            &self.cfg.model,
-            text,
-            vec![],
-            "stop",
-            usage,
-        ))
+        let one = wire::completion(&id, &self.cfg.model, text, vec![], "stop", usage);
+        Ok(match choices_asked(body) {
+            1 => one,
+            n => wire::repeat_choice(one, n),
+        })
     }
 
     async fn stream(&self, body: &ChatBody) -> Result<ChunkStream, ProviderError> {
@@ -63,6 +80,16 @@ impl Provider for Dummy {
             chunks.text(&mut out, w);
         }
         chunks.finish(&mut out, "stop", usage);
+        // With `n` > 1, each choice's chunks in turn, then the one usage chunk.
+        let n = choices_asked(body);
+        if n > 1 {
+            let usage_chunk = out.pop();
+            let one = std::mem::take(&mut out);
+            out = (0..n)
+                .flat_map(|i| one.iter().map(move |c| of_choice(c.clone(), i)))
+                .chain(usage_chunk)
+                .collect();
+        }
         Ok(futures::stream::iter(out.into_iter().map(Ok)).boxed())
     }
 }

@@ -468,6 +468,24 @@ pub fn completion(
     Completion::from_value(&body, usage)
 }
 
+/// A one-choice answer made `n` choices of the same answer (the dummy's `n`).
+pub fn repeat_choice(one: Completion, n: usize) -> Completion {
+    let Ok(mut body) = serde_json::from_str::<Value>(&one.json) else {
+        return one;
+    };
+    let Some(first) = body["choices"].get(0).cloned() else {
+        return one;
+    };
+    body["choices"] = (0..n.max(1))
+        .map(|i| {
+            let mut choice = first.clone();
+            choice["index"] = Value::from(i);
+            choice
+        })
+        .collect();
+    Completion::from_value(&body, one.usage)
+}
+
 /// Makes the `chat.completion.chunk`s of one streamed answer. The first chunk carries
 /// `delta.role`, as OpenAI's does; it is sent only with the first real content so that an
 /// upstream that fails right after its preamble can still be retried (nothing reached

@@ -148,6 +148,58 @@ async fn cancel_a_queued_job() {
     assert_eq!(app.get("/v1/jobs/job_nope").await.status(), 404);
 }
 
+/// `n` asks for that many choices: the dummy answers each, plain and streamed, and counts
+/// the completion tokens of all of them, as OpenAI does.
+#[tokio::test]
+async fn the_dummy_answers_n_choices() {
+    let providers = "[dummy_a]\ntype = \"dummy\"\nmodel = \"dummy-model\"\n";
+    let app = spawn_app(Options::new(providers, router_yaml(&["dummy_a"], ""))).await;
+    let ask = |stream: bool| {
+        json!({"model": "gpt-test", "n": 3, "stream": stream,
+            "stream_options": if stream { json!({"include_usage": true}) } else { Value::Null },
+            "messages": [{"role": "user", "content": "two words"}]})
+    };
+    let resp = app.chat(ask(false)).await;
+    assert_eq!(resp.status(), 200);
+    let id = req_id(&resp);
+    let body: Value = resp.json().await.unwrap();
+    let choices = body["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3, "{body}");
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        assert_eq!(c["message"]["content"], "dummy:two words");
+        assert_eq!(c["finish_reason"], "stop");
+    }
+    assert_eq!(body["usage"]["completion_tokens"], 6);
+    // The job keeps the answer as the client got it.
+    let job = app.job(&id).await;
+    assert_eq!(job["result"]["choices"].as_array().unwrap().len(), 3);
+
+    let resp = app.chat(ask(true)).await;
+    assert_eq!(resp.status(), 200);
+    let sse = Sse::read(resp).await;
+    assert!(sse.ends_with_done());
+    let chunks = sse.json();
+    for i in 0..3 {
+        let text: String = chunks
+            .iter()
+            .flat_map(|c| c["choices"].as_array().unwrap().iter())
+            .filter(|c| c["index"] == i)
+            .filter_map(|c| c["delta"]["content"].as_str())
+            .collect();
+        assert_eq!(text, "dummy:two words", "choice {i}");
+        let finishes = chunks
+            .iter()
+            .flat_map(|c| c["choices"].as_array().unwrap().iter())
+            .filter(|c| c["index"] == i && c["finish_reason"] == "stop")
+            .count();
+        assert_eq!(finishes, 1, "choice {i}");
+    }
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["completion_tokens"], 6);
+}
+
 #[tokio::test]
 async fn models_and_healthz() {
     let (_fake, app) = one_fake().await;

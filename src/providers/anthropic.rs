@@ -569,7 +569,7 @@ mod tests {
             json!({
                 "id": "msg_01XFDUDYJgAACzvnptvVoYEL", "object": "chat.completion", "model": "claude-sonnet-4-5",
                 "choices": [{"index": 0, "logprobs": null, "finish_reason": "tool_calls", "message": {
-                    "role": "assistant", "content": "I'll check the weather.",
+                    "role": "assistant", "content": "I'll check the weather.", "refusal": null,
                     "tool_calls": [{"id": "toolu_01A09q90qw90lq917835lq9", "type": "function",
                         "function": {"name": "get_weather", "arguments": "{\"location\":\"San Francisco, CA\"}"}}]}}],
                 "usage": {"prompt_tokens": 480, "completion_tokens": 89, "total_tokens": 569},
@@ -686,7 +686,10 @@ mod tests {
         ];
         let got = testing::run_ok(events, Events::new("m")).await;
         let deltas: Vec<&Value> = got.iter().map(|c| &c["choices"][0]["delta"]).collect();
-        assert_eq!(deltas[0], &json!({"role": "assistant", "content": ""}));
+        assert_eq!(
+            deltas[0],
+            &json!({"role": "assistant", "content": "", "refusal": null})
+        );
         assert_eq!(deltas[1], &json!({"content": "Okay"}));
         assert_eq!(
             deltas[2],

@@ -395,7 +395,7 @@ mod tests {
             body,
             json!({"id": "chatcmpl-1", "object": "chat.completion", "model": "llama3.2",
                 "choices": [{"index": 0, "logprobs": null, "finish_reason": "stop",
-                    "message": {"role": "assistant", "content": "Hello! How are you today?"}}],
+                    "message": {"role": "assistant", "content": "Hello! How are you today?", "refusal": null}}],
                 "usage": {"prompt_tokens": 26, "completion_tokens": 298, "total_tokens": 324}})
         );
         let tools = json!({

@@ -453,7 +453,9 @@ pub fn completion(
     } else {
         Value::String(text)
     };
-    let mut message = json!({"role": "assistant", "content": content});
+    // `refusal` as OpenAI sends it when the model did not refuse: a client may test it
+    // against null.
+    let mut message = json!({"role": "assistant", "content": content, "refusal": null});
     if !tool_calls.is_empty() {
         message["tool_calls"] = Value::Array(tool_calls);
     }
@@ -522,7 +524,10 @@ impl Chunks {
     fn open(&mut self, out: &mut Vec<Value>) {
         if !self.opened {
             self.opened = true;
-            out.push(self.choice(json!({"role": "assistant", "content": ""}), Value::Null));
+            out.push(self.choice(
+                json!({"role": "assistant", "content": "", "refusal": null}),
+                Value::Null,
+            ));
         }
     }
 
@@ -755,7 +760,7 @@ pub mod testing {
         let base = |choices: Value| json!({"id": id, "object": "chat.completion.chunk", "model": model, "choices": choices});
         let choice = |delta: Value, f: Value| json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": f}]);
         let mut out = vec![base(choice(
-            json!({"role": "assistant", "content": ""}),
+            json!({"role": "assistant", "content": "", "refusal": null}),
             Value::Null,
         ))];
         for p in pieces {

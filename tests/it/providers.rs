@@ -71,7 +71,7 @@ async fn anthropic_gets_the_documented_request_and_headers() {
     assert_eq!(body["model"], "m-an");
     assert_eq!(
         body["choices"][0]["message"],
-        json!({"role": "assistant", "content": "fake:And this?"})
+        json!({"role": "assistant", "content": "fake:And this?", "refusal": null})
     );
     assert_eq!(body["choices"][0]["finish_reason"], "stop");
     assert_eq!(

@@ -51,9 +51,12 @@ impl Dialect for OpenAiWire {
 
     fn complete(&self, model: &str, answer: &Answer<'_>) -> Value {
         let (message, finish) = match answer {
-            Answer::Text(t) => (json!({"role": "assistant", "content": t}), "stop"),
+            Answer::Text(t) => (
+                json!({"role": "assistant", "content": t, "refusal": null}),
+                "stop",
+            ),
             Answer::Tool(name, args) => (
-                json!({"role": "assistant", "content": null, "tool_calls": [tool_call(name, args)]}),
+                json!({"role": "assistant", "content": null, "refusal": null, "tool_calls": [tool_call(name, args)]}),
                 "tool_calls",
             ),
         };
@@ -74,7 +77,7 @@ impl Dialect for OpenAiWire {
                    "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]})
         };
         let mut events = vec![chunk(
-            json!({"role": "assistant", "content": ""}),
+            json!({"role": "assistant", "content": "", "refusal": null}),
             Value::Null,
         )];
         let finish = match answer {

@@ -92,8 +92,23 @@ pub fn chat_request(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
         "a string or an object",
     )?;
     expect("response_format", Value::is_object, "an object")?;
-    expect("presence_penalty", Value::is_number, "a number")?;
-    expect("frequency_penalty", Value::is_number, "a number")?;
+    // OpenAI's bounds: a client that sends more gets the 400 it would get there, not an
+    // upstream's error (or silence) later.
+    for field in ["presence_penalty", "frequency_penalty"] {
+        expect(
+            field,
+            |v| v.as_f64().is_some_and(|p| (-2.0..=2.0).contains(&p)),
+            "a number between -2 and 2",
+        )?;
+    }
+    expect("logprobs", Value::is_boolean, "a boolean")?;
+    expect(
+        "top_logprobs",
+        |v| v.as_u64().is_some_and(|n| n <= 20),
+        "an integer from 0 to 20",
+    )?;
+    expect("logit_bias", Value::is_object, "an object")?;
+    expect("parallel_tool_calls", Value::is_boolean, "a boolean")?;
     expect("seed", Value::is_i64, "an integer")?;
     expect("user", Value::is_string, "a string")?;
     if let Some(tools) = body.get("tools").and_then(Value::as_array) {
@@ -341,6 +356,26 @@ mod tests {
             ("`n` must be an integer from 1 to 128, got 129", Some("n"))
         );
         assert!(chat_request(format!(r#"{{"messages":{m},"n":128}}"#).as_bytes()).is_ok());
+        for (field, value, what) in [
+            ("presence_penalty", "5", "a number between -2 and 2, got 5"),
+            (
+                "frequency_penalty",
+                "-2.5",
+                "a number between -2 and 2, got -2.5",
+            ),
+            ("logprobs", r#""x""#, "a boolean, got a string"),
+            ("top_logprobs", "21", "an integer from 0 to 20, got 21"),
+            ("logit_bias", "[]", "an object, got an array"),
+            ("parallel_tool_calls", "1", "a boolean, got 1"),
+        ] {
+            let e = err(&format!(r#"{{"messages":{m},"{field}":{value}}}"#));
+            assert_eq!(e.message, format!("`{field}` must be {what}"));
+            assert_eq!(e.param.as_deref(), Some(field));
+        }
+        let fine = format!(
+            r#"{{"messages":{m},"presence_penalty":-2,"frequency_penalty":1.5,"logprobs":true,"top_logprobs":0,"logit_bias":{{"50256":-100}},"parallel_tool_calls":false}}"#
+        );
+        assert!(chat_request(fine.as_bytes()).is_ok());
     }
 
     #[test]

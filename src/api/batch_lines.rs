@@ -1,18 +1,23 @@
 //! Turns a batch input file into jobs: one line `{custom_id, method, url, body}` per job,
 //! each body checked and defaulted exactly as a `POST /v1/chat/completions` would be.
 //!
-//! Like OpenAI, a malformed input file fails the whole batch at validation: every bad line
-//! is reported in `errors` (with its line number) and no line runs. Running the good lines
-//! and dropping the bad ones would hand back output files with silent holes.
+//! Like OpenAI, a malformed input file fails the whole batch at validation: a line that is
+//! not a request line (not JSON, no `custom_id` or a repeated one, another `method` or
+//! `url`, no `body` object) is reported in `errors` with its line number, and no line runs.
+//! A well-formed line whose request is invalid (a missing `messages`, a `temperature` out
+//! of range) is a request that fails, as it would on its own: it becomes a job failed at
+//! once with the 400 that `POST /v1/chat/completions` gives, goes to the error file and
+//! counts in `request_counts.failed`, and the other lines run.
 
 use std::collections::HashSet;
 
 use serde_json::Value;
 
 use super::AppState;
+use super::error::ApiError;
 use super::validate;
 use crate::queue::batches::LineError;
-use crate::queue::{NewJob, PRIORITY_BATCH};
+use crate::queue::{JobError, NewJob, PRIORITY_BATCH};
 use crate::worker::policy::first_available;
 
 /// OpenAI's limit on requests per batch.
@@ -64,12 +69,24 @@ fn err(line: usize, code: &str, message: String, param: Option<&str>) -> LineErr
     }
 }
 
-/// The jobs of a valid file, or every problem of an invalid one.
-pub fn parse(
-    app: &AppState,
-    ctx: &BatchContext,
-    content: &[u8],
-) -> Result<Vec<NewJob>, Vec<LineError>> {
+/// The lines of a well-formed file.
+#[derive(Default)]
+pub struct Lines {
+    /// One job per line, in input order, the rejected ones included.
+    pub jobs: Vec<NewJob>,
+    /// The jobs whose request is invalid, by id, with the 400 each fails with. They are
+    /// queued on no provider (an empty chain), so no pool takes them before they fail.
+    pub rejected: Vec<(String, JobError)>,
+}
+
+/// What one well-formed line is.
+enum Line {
+    Job(NewJob),
+    Rejected(NewJob, JobError),
+}
+
+/// The lines of a well-formed file, or every problem of a malformed one.
+pub fn parse(app: &AppState, ctx: &BatchContext, content: &[u8]) -> Result<Lines, Vec<LineError>> {
     let Ok(text) = jsonl_text(content) else {
         return Err(vec![LineError {
             code: "invalid_file".into(),
@@ -78,7 +95,7 @@ pub fn parse(
             line: None,
         }]);
     };
-    let mut jobs = Vec::new();
+    let mut lines = Lines::default();
     let mut errors = Vec::new();
     let mut seen = HashSet::new();
     let availability = app.shared.availability.snapshot();
@@ -87,7 +104,7 @@ pub fn parse(
             continue;
         }
         let line = i + 1;
-        if jobs.len() + errors.len() >= MAX_LINES {
+        if lines.jobs.len() + errors.len() >= MAX_LINES {
             errors.push(err(
                 line,
                 "too_many_tasks",
@@ -97,7 +114,11 @@ pub fn parse(
             break;
         }
         match parse_line(app, ctx, raw, line, &availability) {
-            Ok(job) => {
+            Ok(parsed) => {
+                let (job, rejected) = match parsed {
+                    Line::Job(job) => (job, None),
+                    Line::Rejected(job, error) => (job, Some(error)),
+                };
                 let custom_id = job.custom_id.clone().unwrap_or_default();
                 if !seen.insert(custom_id.clone()) {
                     errors.push(err(
@@ -106,9 +127,12 @@ pub fn parse(
                         format!("custom_id `{custom_id}` appears on an earlier line; each line needs its own"),
                         Some("custom_id"),
                     ));
-                } else {
-                    jobs.push(job);
+                    continue;
                 }
+                if let Some(error) = rejected {
+                    lines.rejected.push((job.id.clone(), error));
+                }
+                lines.jobs.push(job);
             }
             Err(e) => errors.push(e),
         }
@@ -116,7 +140,7 @@ pub fn parse(
             break;
         }
     }
-    if jobs.is_empty() && errors.is_empty() {
+    if lines.jobs.is_empty() && errors.is_empty() {
         errors.push(LineError {
             code: "empty_file".into(),
             message: "the input file has no request lines".into(),
@@ -125,7 +149,7 @@ pub fn parse(
         });
     }
     if errors.is_empty() {
-        Ok(jobs)
+        Ok(lines)
     } else {
         Err(errors)
     }
@@ -137,7 +161,7 @@ fn parse_line(
     raw: &str,
     line: usize,
     availability: &std::collections::HashMap<String, i64>,
-) -> Result<NewJob, LineError> {
+) -> Result<Line, LineError> {
     let value: Value = serde_json::from_str(raw).map_err(|e| {
         err(
             line,
@@ -194,33 +218,11 @@ fn parse_line(
         )
     })?;
     let bytes = serde_json::to_vec(body).unwrap_or_default();
-    let mut req = validate::chat_request(&bytes).map_err(|e| {
-        let param = e.param.as_deref().map(|p| format!("body.{p}"));
-        err(
-            line,
-            "invalid_request",
-            e.message.clone(),
-            param.as_deref().or(Some("body")),
-        )
-    })?;
-    if req.get("stream").and_then(Value::as_bool) == Some(true) {
-        return Err(err(
-            line,
-            "invalid_request",
-            "`stream: true` is not available in a batch".into(),
-            Some("body.stream"),
-        ));
-    }
-    let plan = app.shared.planner.current();
-    validate::apply_defaults(&mut req, &plan.config.router.defaults);
-    let model = req.get("model").and_then(Value::as_str);
-    let (route, chain) = app.router.plan(&plan.config, ctx.task, model, None);
-    let (hop, _) = first_available(&chain, availability, ctx.created_at);
-    Ok(NewJob {
+    let job = |request: String, task: String, chain: Vec<String>, hop: usize| NewJob {
         id: line_job_id(ctx.batch_id, line),
-        task: route.name.clone(),
+        task,
         hop,
-        request: serde_json::to_string(&req).unwrap_or_default(),
+        request,
         stream: false,
         priority: PRIORITY_BATCH,
         caller: ctx.caller.clone(),
@@ -229,7 +231,43 @@ fn parse_line(
         created_at: ctx.created_at,
         deadline_at: ctx.expires_at,
         batch_id: Some(ctx.batch_id.to_string()),
-        custom_id: Some(custom_id),
+        custom_id: Some(custom_id.clone()),
         chain,
-    })
+    };
+    let checked = validate::chat_request(&bytes).and_then(|req| {
+        if req.get("stream").and_then(Value::as_bool) == Some(true) {
+            return Err(ApiError::invalid(
+                "`stream: true` is not available in a batch",
+                Some("stream"),
+            ));
+        }
+        Ok(req)
+    });
+    let mut req = match checked {
+        Ok(req) => req,
+        Err(e) => {
+            // The route the line would have taken, for its metrics line; no provider.
+            let plan = app.shared.planner.current();
+            let model = body.get("model").and_then(Value::as_str);
+            let (route, _) = app.router.plan(&plan.config, ctx.task, model, None);
+            let error = JobError {
+                status: 400,
+                kind: e.kind,
+                message: e.message,
+                code: e.code,
+                param: e.param,
+                retry_after: None,
+            };
+            let request = String::from_utf8(bytes).unwrap_or_default();
+            let rejected = job(request, route.name.clone(), vec![], 0);
+            return Ok(Line::Rejected(rejected, error));
+        }
+    };
+    let plan = app.shared.planner.current();
+    validate::apply_defaults(&mut req, &plan.config.router.defaults);
+    let model = req.get("model").and_then(Value::as_str);
+    let (route, chain) = app.router.plan(&plan.config, ctx.task, model, None);
+    let (hop, _) = first_available(&chain, availability, ctx.created_at);
+    let request = serde_json::to_string(&req).unwrap_or_default();
+    Ok(Line::Job(job(request, route.name.clone(), chain, hop)))
 }

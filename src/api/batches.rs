@@ -16,8 +16,9 @@ use super::chat::read_body;
 use super::error::ApiError;
 use super::files::{ListQuery, list_page, owned_file, page_limit, secs, store};
 use super::{AppState, Caller, validate};
-use crate::queue::BatchStore;
 use crate::queue::batches::{Batch, BatchStatus, JobCounts};
+use crate::queue::{BatchStore, JobError};
+use crate::worker::Shared;
 use crate::worker::batches::{CODE_CANCELLED, cancel_jobs, live_counts};
 
 pub const ENDPOINT: &str = "/v1/chat/completions";
@@ -242,7 +243,7 @@ async fn create_batch(
         cancelling_at: None,
         cancelled_at: None,
     };
-    let jobs = match parsed {
+    let lines = match parsed {
         Err(errors) => {
             // A malformed file fails the batch, as OpenAI does; the answer is still the batch.
             batch.status = BatchStatus::Failed;
@@ -252,8 +253,9 @@ async fn create_batch(
             tracing::info!(batch_id = %id, errors = batch.errors.len(), "batch failed validation");
             return Ok(Json(batch_object(&batch, None)).into_response());
         }
-        Ok(jobs) => jobs,
+        Ok(lines) => lines,
     };
+    let jobs = &lines.jobs;
     let queued = shared.telemetry.queued();
     if queued + jobs.len() as i64 > shared.settings.max_queue_depth as i64 {
         return Err(ApiError::rate_limited(
@@ -269,7 +271,8 @@ async fn create_batch(
     // validating → jobs → in_progress: a crash in between leaves a `validating` batch,
     // which the finalizer later completes or fails (all jobs exist, or none).
     store.insert_batch(&batch).await?;
-    shared.store.insert_jobs(&jobs).await?;
+    shared.store.insert_jobs(jobs).await?;
+    let rejected = reject_lines(shared, &lines.rejected, now).await?;
     store
         .transition(
             &id,
@@ -278,21 +281,49 @@ async fn create_batch(
             now,
         )
         .await?;
-    shared.telemetry.joined_queue(jobs.len());
-    let mut providers: Vec<&str> = jobs.iter().map(crate::queue::NewJob::provider).collect();
+    let queued = jobs.len() - lines.rejected.len();
+    shared.telemetry.joined_queue(queued);
+    let mut providers: Vec<&str> = jobs
+        .iter()
+        .map(crate::queue::NewJob::provider)
+        .filter(|p| !p.is_empty())
+        .collect();
     providers.sort_unstable();
     providers.dedup();
     for p in providers {
         shared.signals.wake_pool(p);
     }
-    tracing::info!(batch_id = %id, lines = jobs.len(), "batch accepted");
+    tracing::info!(batch_id = %id, lines = jobs.len(), rejected, "batch accepted");
     batch.status = BatchStatus::InProgress;
     batch.in_progress_at = Some(now);
     let counts = JobCounts {
-        queued: batch.total,
+        queued: queued as i64,
+        failed: rejected as i64,
         ..JobCounts::default()
     };
     Ok(Json(batch_object(&batch, Some(&counts))).into_response())
+}
+
+/// Fails the jobs of lines whose request is invalid with their 400, as any finished job
+/// (metrics line, the batch's finalizer told). They sit on no provider until then, so
+/// nothing calls upstream for them. Returns how many were failed.
+async fn reject_lines(
+    shared: &Shared,
+    rejected: &[(String, JobError)],
+    at: i64,
+) -> Result<usize, ApiError> {
+    let mut failed = 0;
+    for (job_id, error) in rejected {
+        if !shared.store.fail_queued(job_id, "", error, at).await? {
+            continue;
+        }
+        failed += 1;
+        if let Some(job) = shared.store.get_job(job_id).await? {
+            shared.telemetry.job_finished(&job, None);
+            shared.job_ended(&job);
+        }
+    }
+    Ok(failed)
 }
 
 pub async fn get(

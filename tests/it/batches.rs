@@ -161,30 +161,29 @@ async fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// The gateway with one provider `up` at `fake`, on SQLite or on the Postgres `db`.
+async fn app_with_up(fake: &FakeOpenAi, db: Option<&crate::support::pg::TestDb>) -> TestApp {
+    let mut opts = Options::new(
+        openai_provider("up", &fake.base_url(), "concurrency = 4"),
+        router_yaml(&["up"], ""),
+    );
+    if let Some(db) = db {
+        opts = opts.env("ORCH_DATABASE_URL", &db.url);
+    }
+    spawn_app(opts).await
+}
+
 #[tokio::test]
 async fn the_async_openai_client_runs_a_batch_end_to_end() {
     let fake = FakeOpenAi::start().await;
-    let app = spawn_app(Options::new(
-        openai_provider("up", &fake.base_url(), "concurrency = 4"),
-        router_yaml(&["up"], ""),
-    ))
-    .await;
-    end_to_end(&app).await;
+    end_to_end(&app_with_up(&fake, None).await).await;
 }
 
 #[tokio::test]
 async fn the_async_openai_client_runs_a_batch_end_to_end_on_postgres() {
     let db = crate::support::pg::TestDb::create().await;
     let fake = FakeOpenAi::start().await;
-    let app = spawn_app(
-        Options::new(
-            openai_provider("up", &fake.base_url(), "concurrency = 4"),
-            router_yaml(&["up"], ""),
-        )
-        .env("ORCH_DATABASE_URL", &db.url),
-    )
-    .await;
-    end_to_end(&app).await;
+    end_to_end(&app_with_up(&fake, Some(&db)).await).await;
 }
 
 async fn end_to_end(app: &TestApp) {
@@ -730,14 +729,17 @@ async fn bad_uploads_and_bad_batches_name_the_problem() {
         assert_eq!(body["error"]["param"], "metadata", "{body}");
     }
 
-    // A file with bad lines fails the whole batch at validation, every line named.
+    // A file with malformed lines fails the whole batch at validation, every line named.
     let bad = [
         line("ok", "m", "fine"),
         "{not json".to_string(),
         line("ok", "m", "dup"),
-        json!({"custom_id": "u", "method": "POST", "url": "/v1/embeddings", "body": {}}).to_string(),
-        json!({"custom_id": "m", "method": "GET", "url": "/v1/chat/completions", "body": {}}).to_string(),
-        json!({"custom_id": "b", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": []}}).to_string(),
+        json!({"custom_id": "u", "method": "POST", "url": "/v1/embeddings", "body": {}})
+            .to_string(),
+        json!({"custom_id": "m", "method": "GET", "url": "/v1/chat/completions", "body": {}})
+            .to_string(),
+        json!({"custom_id": "b", "method": "POST", "url": "/v1/chat/completions", "body": "hi"})
+            .to_string(),
         json!({"method": "POST", "url": "/v1/chat/completions", "body": {}}).to_string(),
     ];
     let file = api
@@ -773,7 +775,7 @@ async fn bad_uploads_and_bad_batches_name_the_problem() {
             ("duplicate_custom_id".into(), 2, json!("custom_id")),
             ("invalid_url".into(), 3, json!("url")),
             ("invalid_method".into(), 4, json!("method")),
-            ("invalid_request".into(), 5, json!("body.messages")),
+            ("invalid_request".into(), 5, json!("body")),
             ("invalid_custom_id".into(), 6, json!("custom_id")),
         ]
     );
@@ -782,6 +784,110 @@ async fn bad_uploads_and_bad_batches_name_the_problem() {
         .get(&format!("/v1/batches/{}", failed["id"].as_str().unwrap()))
         .await;
     assert_eq!(again, failed);
+}
+
+/// A well-formed line whose request is invalid fails as that request would on its own:
+/// a 400 in the error file, counted as failed, with no upstream call; the other lines run.
+#[tokio::test]
+async fn a_line_with_an_invalid_request_fails_alone() {
+    let up = FakeOpenAi::start().await;
+    invalid_requests_fail_alone(&up, &app_with_up(&up, None).await).await;
+}
+
+#[tokio::test]
+async fn a_line_with_an_invalid_request_fails_alone_on_postgres() {
+    let db = crate::support::pg::TestDb::create().await;
+    let up = FakeOpenAi::start().await;
+    invalid_requests_fail_alone(&up, &app_with_up(&up, Some(&db)).await).await;
+}
+
+async fn invalid_requests_fail_alone(up: &FakeOpenAi, app: &TestApp) {
+    let api = Api::new(app);
+    let request_line = |custom_id: &str, body: Value| {
+        json!({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body})
+            .to_string()
+    };
+    let input = jsonl(&[
+        line("a", "gpt-x", "one"),
+        request_line("no-messages", json!({"model": "gpt-x"})),
+        request_line(
+            "too-hot",
+            json!({"model": "gpt-x", "temperature": 3, "messages": [{"role": "user", "content": "x"}]}),
+        ),
+        request_line(
+            "streamed",
+            json!({"model": "gpt-x", "stream": true, "messages": [{"role": "user", "content": "x"}]}),
+        ),
+        line("e", "gpt-x", "five"),
+    ]);
+    let file = api.upload(&input).await;
+    let (code, created) = api.create(&file, Value::Null).await;
+    assert_eq!(code, 200, "{created}");
+    assert_eq!(created["status"], "in_progress");
+    assert_eq!(created["request_counts"]["total"], 5);
+    assert_eq!(created["request_counts"]["failed"], 3);
+    let (done, _) = api
+        .wait(
+            created["id"].as_str().unwrap(),
+            &["completed", "failed"],
+            Duration::from_secs(20),
+        )
+        .await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(
+        done["request_counts"],
+        json!({"total": 5, "completed": 2, "failed": 3})
+    );
+    // Only the two good lines reached the upstream.
+    assert_eq!(up.call_count(), 2);
+    let output = api.content(done["output_file_id"].as_str().unwrap()).await;
+    let ok: Vec<&str> = output
+        .iter()
+        .map(|l| l["custom_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ok, ["a", "e"]);
+    let errors = api.content(done["error_file_id"].as_str().unwrap()).await;
+    let failed: Vec<(&str, &Value, &Value, &Value)> = errors
+        .iter()
+        .map(|l| {
+            let body = &l["response"]["body"]["error"];
+            (
+                l["custom_id"].as_str().unwrap(),
+                &l["response"]["status_code"],
+                &body["type"],
+                &body["param"],
+            )
+        })
+        .collect();
+    assert_eq!(
+        failed,
+        [
+            (
+                "no-messages",
+                &json!(400),
+                &json!("invalid_request_error"),
+                &json!("messages")
+            ),
+            (
+                "too-hot",
+                &json!(400),
+                &json!("invalid_request_error"),
+                &json!("temperature")
+            ),
+            (
+                "streamed",
+                &json!(400),
+                &json!("invalid_request_error"),
+                &json!("stream")
+            ),
+        ]
+    );
+    // Each is a finished job, as GET /v1/jobs shows it.
+    let job = app
+        .job(errors[0]["response"]["request_id"].as_str().unwrap())
+        .await;
+    assert_eq!(job["status"], "failed");
+    assert_eq!(job["attempts"], json!([]));
 }
 
 #[tokio::test]

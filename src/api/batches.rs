@@ -306,7 +306,9 @@ async fn create_batch(
 
 /// Fails the jobs of lines whose request is invalid with their 400, as any finished job
 /// (metrics line, the batch's finalizer told). They sit on no provider until then, so
-/// nothing calls upstream for them. Returns how many were failed.
+/// nothing calls upstream for them; should the process stop before this, the upkeep's
+/// drain of providers no instance serves fails them (a 502 instead of their 400), so
+/// the batch still ends. Returns how many were failed.
 async fn reject_lines(
     shared: &Shared,
     rejected: &[(String, JobError)],

@@ -69,6 +69,14 @@ pub fn chat_request(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
     )?;
     expect("stream", Value::is_boolean, "a boolean")?;
     expect("stream_options", Value::is_object, "an object")?;
+    let streamed = body.get("stream").and_then(Value::as_bool) == Some(true);
+    if !streamed && body.get("stream_options").is_some_and(|o| !o.is_null()) {
+        // OpenAI's own refusal, in its words.
+        return Err(ApiError::invalid(
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+            Some("stream_options"),
+        ));
+    }
     if let Some(v) = body
         .get("stream_options")
         .and_then(|o| o.get("include_usage"))
@@ -376,6 +384,26 @@ mod tests {
             r#"{{"messages":{m},"presence_penalty":-2,"frequency_penalty":1.5,"logprobs":true,"top_logprobs":0,"logit_bias":{{"50256":-100}},"parallel_tool_calls":false}}"#
         );
         assert!(chat_request(fine.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn stream_options_need_a_stream() {
+        let m = r#"[{"role":"user","content":"hi"}]"#;
+        for body in [
+            format!(r#"{{"messages":{m},"stream_options":{{"include_usage":true}}}}"#),
+            format!(r#"{{"messages":{m},"stream":false,"stream_options":{{}}}}"#),
+        ] {
+            let e = err(&body);
+            assert_eq!(e.param.as_deref(), Some("stream_options"), "{body}");
+            assert!(
+                e.message.contains("only allowed when 'stream'"),
+                "{}",
+                e.message
+            );
+        }
+        // `null` is no option at all.
+        let none = format!(r#"{{"messages":{m},"stream_options":null}}"#);
+        assert!(chat_request(none.as_bytes()).is_ok());
     }
 
     #[test]

@@ -218,9 +218,14 @@ fn parse_line(
         )
     })?;
     let bytes = serde_json::to_vec(body).unwrap_or_default();
-    let job = |request: String, task: String, chain: Vec<String>, hop: usize| NewJob {
+    // The route the line takes (the checks below change no `model`); a rejected line
+    // keeps its name, for its metrics line, but no provider.
+    let plan = app.shared.planner.current();
+    let model = body.get("model").and_then(Value::as_str);
+    let (route, chain) = app.router.plan(&plan.config, ctx.task, model, None);
+    let job = move |request: String, chain: Vec<String>, hop: usize| NewJob {
         id: line_job_id(ctx.batch_id, line),
-        task,
+        task: route.name.clone(),
         hop,
         request,
         stream: false,
@@ -231,7 +236,7 @@ fn parse_line(
         created_at: ctx.created_at,
         deadline_at: ctx.expires_at,
         batch_id: Some(ctx.batch_id.to_string()),
-        custom_id: Some(custom_id.clone()),
+        custom_id: Some(custom_id),
         chain,
     };
     let checked = validate::chat_request(&bytes).and_then(|req| {
@@ -246,28 +251,12 @@ fn parse_line(
     let mut req = match checked {
         Ok(req) => req,
         Err(e) => {
-            // The route the line would have taken, for its metrics line; no provider.
-            let plan = app.shared.planner.current();
-            let model = body.get("model").and_then(Value::as_str);
-            let (route, _) = app.router.plan(&plan.config, ctx.task, model, None);
-            let error = JobError {
-                status: 400,
-                kind: e.kind,
-                message: e.message,
-                code: e.code,
-                param: e.param,
-                retry_after: None,
-            };
             let request = String::from_utf8(bytes).unwrap_or_default();
-            let rejected = job(request, route.name.clone(), vec![], 0);
-            return Ok(Line::Rejected(rejected, error));
+            return Ok(Line::Rejected(job(request, vec![], 0), e.into()));
         }
     };
-    let plan = app.shared.planner.current();
     validate::apply_defaults(&mut req, &plan.config.router.defaults);
-    let model = req.get("model").and_then(Value::as_str);
-    let (route, chain) = app.router.plan(&plan.config, ctx.task, model, None);
     let (hop, _) = first_available(&chain, availability, ctx.created_at);
     let request = serde_json::to_string(&req).unwrap_or_default();
-    Ok(Line::Job(job(request, route.name.clone(), chain, hop)))
+    Ok(Line::Job(job(request, chain, hop)))
 }

@@ -137,6 +137,20 @@ impl From<&JobError> for ApiError {
     }
 }
 
+/// An answer's error kept as a job's (a batch line refused as its request would be).
+impl From<ApiError> for JobError {
+    fn from(e: ApiError) -> Self {
+        Self {
+            status: e.status.as_u16(),
+            kind: e.kind,
+            message: e.message,
+            code: e.code,
+            param: e.param,
+            retry_after: e.retry_after,
+        }
+    }
+}
+
 impl From<crate::queue::StoreError> for ApiError {
     fn from(e: crate::queue::StoreError) -> Self {
         tracing::error!(error = %e, "database error on the request path");

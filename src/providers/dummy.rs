@@ -16,9 +16,9 @@ impl Dummy {
         Self { cfg }
     }
 
-    /// The answer and its usage for all `n` choices (each choice is the same answer;
-    /// OpenAI counts completion tokens over every choice).
-    fn answer(&self, body: &ChatBody) -> (String, Usage) {
+    /// The answer, its usage for all `n` choices (each choice is the same answer; OpenAI
+    /// counts completion tokens over every choice), and `n`.
+    fn answer(&self, body: &ChatBody) -> (String, Usage, usize) {
         let text = format!("dummy:{}", last_user_text(body));
         let prompt_words: usize = body
             .get("messages")
@@ -29,12 +29,13 @@ impl Dummy {
                     .sum()
             })
             .unwrap_or(0);
-        let per_choice = text.split_whitespace().count().max(1) * choices_asked(body);
+        let n = choices_asked(body);
+        let completion = text.split_whitespace().count().max(1) * n;
         let usage = Usage {
             prompt: Some(prompt_words.max(1) as i64),
-            completion: Some(per_choice as i64),
+            completion: Some(completion as i64),
         };
-        (text, usage)
+        (text, usage, n)
     }
 }
 
@@ -62,17 +63,17 @@ impl Provider for Dummy {
     }
 
     async fn complete(&self, body: &ChatBody) -> Result<Completion, ProviderError> {
-        let (text, usage) = self.answer(body);
+        let (text, usage, n) = self.answer(body);
         let id = wire::completion_id();
         let one = wire::completion(&id, &self.cfg.model, text, vec![], "stop", usage);
-        Ok(match choices_asked(body) {
+        Ok(match n {
             1 => one,
             n => wire::repeat_choice(one, n),
         })
     }
 
     async fn stream(&self, body: &ChatBody) -> Result<ChunkStream, ProviderError> {
-        let (text, usage) = self.answer(body);
+        let (text, usage, n) = self.answer(body);
         let mut chunks = wire::Chunks::new(wire::completion_id(), self.cfg.model.clone());
         let mut out = Vec::new();
         // Word by word, so a stream looks like one.
@@ -81,7 +82,6 @@ impl Provider for Dummy {
         }
         chunks.finish(&mut out, "stop", usage);
         // With `n` > 1, each choice's chunks in turn, then the one usage chunk.
-        let n = choices_asked(body);
         if n > 1 {
             let usage_chunk = out.pop();
             let one = std::mem::take(&mut out);

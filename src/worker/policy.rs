@@ -245,10 +245,10 @@ pub fn spent_providers(attempts: &[Attempt]) -> HashSet<String> {
     attempts
         .iter()
         .filter(|a| {
-            matches!(
-                a.outcome.as_str(),
-                o if o == AttemptOutcome::Hop.as_str() || o == AttemptOutcome::Failed.as_str()
-            ) && a.status_code != Some(429)
+            let left = [AttemptOutcome::Hop, AttemptOutcome::Failed]
+                .iter()
+                .any(|o| a.outcome == o.as_str());
+            left && a.status_code != Some(429)
         })
         .map(|a| a.provider.clone())
         .collect()

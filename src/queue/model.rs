@@ -295,6 +295,9 @@ pub struct Lease {
     pub blocked: Option<Blocked>,
     /// The earliest `run_at` of a job that is queued but not yet due.
     pub next_due_at: Option<i64>,
+    /// The lease took every due job it found, fewer than the budget and the request
+    /// allowed: another lease right away would most likely find none.
+    pub drained: bool,
 }
 
 /// What happens to the job after an attempt.

@@ -501,6 +501,7 @@ impl LeaseHead {
         if !jobs.is_empty() {
             // Leased and committed: they run whatever the check above said.
             return Lease {
+                drained: (jobs.len() as i64) < self.limit,
                 jobs,
                 ..Lease::default()
             };

@@ -662,14 +662,17 @@ fn lease(conn: &WriteConn, req: &LeaseRequest) -> StoreResult<Lease> {
         };
     }
     let sql = if limit == 1 { pick!("1") } else { pick!("64") };
+    // At most what the budget allows and the pick's LIMIT reads.
+    let wanted = usize::try_from(limit.min(64)).unwrap_or(1);
     let rows = conn
         .prepare_cached(sql)?
         .query_map(
             params![req.provider, now, req.instance],
             JobRow::from_sqlite,
         )?
-        .take(usize::try_from(limit).unwrap_or(1))
+        .take(wanted)
         .collect::<Result<Vec<_>, _>>()?;
+    let drained = rows.len() < wanted;
     if rows.is_empty() {
         let next = conn
             .prepare_cached(
@@ -728,6 +731,7 @@ fn lease(conn: &WriteConn, req: &LeaseRequest) -> StoreResult<Lease> {
     ])?;
     Ok(Lease {
         jobs,
+        drained,
         ..Lease::default()
     })
 }

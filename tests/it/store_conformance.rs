@@ -68,6 +68,7 @@ conformance!(
     pinned_jobs_only_for_their_instance,
     future_jobs_wait_and_report_next_due,
     concurrency_budget,
+    a_lease_says_whether_it_drained_the_queue,
     rpm_budget,
     tpm_budget,
     cooldown_blocks,
@@ -475,6 +476,34 @@ async fn concurrency_budget(store: Store) {
         lease_ids(&store, &lease_req("a", "i2", 5, b)).await,
         vec!["c2"]
     );
+}
+
+/// `drained`: the lease took every due job, fewer than it could have (the pool then waits
+/// for new work instead of leasing again at once).
+async fn a_lease_says_whether_it_drained_the_queue(store: Store) {
+    let now = store.now_ms().await.unwrap();
+    for i in 0..5 {
+        insert(&store, job(&format!("d{i}"), &["a"], now - 100 + i)).await;
+    }
+    // Queued for later: not due, so not counted as work left.
+    insert(&store, job("later", &["a"], now + 60_000)).await;
+    // As many as asked for: more may wait.
+    let full = store.lease(&lease_req("a", "i1", 2, ROOMY)).await.unwrap();
+    assert_eq!(full.jobs.len(), 2);
+    assert!(!full.drained);
+    // The budget stopped it, not the queue.
+    let capped = store
+        .lease(&lease_req("a", "i1", 5, budget(1000, 3, None)))
+        .await
+        .unwrap();
+    assert_eq!(capped.jobs.len(), 1);
+    assert!(!capped.drained);
+    let rest = store.lease(&lease_req("a", "i1", 5, ROOMY)).await.unwrap();
+    assert_eq!(rest.jobs.len(), 2);
+    assert!(rest.drained);
+    let none = store.lease(&lease_req("a", "i1", 5, ROOMY)).await.unwrap();
+    assert!(none.jobs.is_empty());
+    assert_eq!(none.next_due_at, Some(now + 60_000));
 }
 
 async fn rpm_budget(store: Store) {

@@ -433,7 +433,7 @@ async fn lease_latency(pg: Option<&str>, queued: usize) -> ((f64, f64), (f64, f6
         while i < size {
             let n = (size - i).min(10_000);
             let batch: Vec<NewJob> = (i..i + n).map(|k| job(k, now)).collect();
-            store.insert_jobs(&batch).await.expect("insert");
+            store.insert_jobs(&batch, &[]).await.expect("insert");
             i += n;
         }
         eprintln!(

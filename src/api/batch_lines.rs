@@ -74,8 +74,8 @@ fn err(line: usize, code: &str, message: String, param: Option<&str>) -> LineErr
 pub struct Lines {
     /// One job per line, in input order, the rejected ones included.
     pub jobs: Vec<NewJob>,
-    /// The jobs whose request is invalid, by id, with the 400 each fails with. They are
-    /// queued on no provider (an empty chain), so no pool takes them before they fail.
+    /// The jobs whose request is invalid, by id, with the 400 each fails with: they are
+    /// inserted failed (`QueueStore::insert_jobs`), on no provider (an empty chain).
     pub rejected: Vec<(String, JobError)>,
 }
 

@@ -256,12 +256,14 @@ async fn create_batch(
         Ok(lines) => lines,
     };
     let jobs = &lines.jobs;
+    let rejected = lines.rejected.len();
+    // Refused lines are inserted failed: only the others join the queue.
+    let to_queue = jobs.len() - rejected;
     let queued = shared.telemetry.queued();
-    if queued + jobs.len() as i64 > shared.settings.max_queue_depth as i64 {
+    if queued + to_queue as i64 > shared.settings.max_queue_depth as i64 {
         return Err(ApiError::rate_limited(
             format!(
-                "the queue cannot take {} more jobs ({queued} waiting, limit {}); retry later",
-                jobs.len(),
+                "the queue cannot take {to_queue} more jobs ({queued} waiting, limit {}); retry later",
                 shared.settings.max_queue_depth
             ),
             30,
@@ -271,8 +273,8 @@ async fn create_batch(
     // validating → jobs → in_progress: a crash in between leaves a `validating` batch,
     // which the finalizer later completes or fails (all jobs exist, or none).
     store.insert_batch(&batch).await?;
-    shared.store.insert_jobs(jobs).await?;
-    let rejected = reject_lines(shared, &lines.rejected, now).await?;
+    shared.store.insert_jobs(jobs, &lines.rejected).await?;
+    report_rejected(shared, &lines.rejected).await;
     store
         .transition(
             &id,
@@ -281,8 +283,7 @@ async fn create_batch(
             now,
         )
         .await?;
-    let queued = jobs.len() - lines.rejected.len();
-    shared.telemetry.joined_queue(queued);
+    shared.telemetry.joined_queue(to_queue);
     let mut providers: Vec<&str> = jobs
         .iter()
         .map(crate::queue::NewJob::provider)
@@ -297,35 +298,31 @@ async fn create_batch(
     batch.status = BatchStatus::InProgress;
     batch.in_progress_at = Some(now);
     let counts = JobCounts {
-        queued: queued as i64,
+        queued: to_queue as i64,
         failed: rejected as i64,
         ..JobCounts::default()
     };
     Ok(Json(batch_object(&batch, Some(&counts))).into_response())
 }
 
-/// Fails the jobs of lines whose request is invalid with their 400, as any finished job
-/// (metrics line, the batch's finalizer told). They sit on no provider until then, so
-/// nothing calls upstream for them; should the process stop before this, the upkeep's
-/// drain of providers no instance serves fails them (a 502 instead of their 400), so
-/// the batch still ends. Returns how many were failed.
-async fn reject_lines(
-    shared: &Shared,
-    rejected: &[(String, JobError)],
-    at: i64,
-) -> Result<usize, ApiError> {
-    let mut failed = 0;
-    for (job_id, error) in rejected {
-        if !shared.store.fail_queued(job_id, "", error, at).await? {
-            continue;
-        }
-        failed += 1;
-        if let Some(job) = shared.store.get_job(job_id).await? {
-            shared.telemetry.job_finished(&job, None);
-            shared.job_ended(&job);
+/// Reports the jobs of lines whose request was invalid, inserted already failed with their
+/// 400, as any finished job is reported (Prometheus, the batch's finalizer). Their metrics
+/// lines come from their rows, like every job's.
+async fn report_rejected(shared: &Shared, rejected: &[(String, JobError)]) {
+    for (job_id, _) in rejected {
+        match shared.store.get_job(job_id).await {
+            Ok(Some(job)) => {
+                shared.telemetry.job_finished(&job, None);
+                shared.job_ended(&job);
+            }
+            Ok(None) => {}
+            // Only the report is missed: the job is failed for good, and the finalizer
+            // finds every batch's ended jobs in its own pass.
+            Err(e) => {
+                tracing::warn!(job_id = %job_id, error = %e, "cannot report a refused batch line")
+            }
         }
     }
-    Ok(failed)
 }
 
 pub async fn get(

@@ -105,7 +105,11 @@ pub trait QueueStore: Send + Sync + 'static {
     }
 
     /// Inserts many jobs in one transaction (batch lines). Idempotency keys are not used.
-    async fn insert_jobs(&self, jobs: &[NewJob]) -> StoreResult<()>;
+    /// The jobs named in `refused` (a batch line whose request is invalid) are inserted
+    /// failed with their error, finished at their creation: no pool, upkeep or crash
+    /// ever sees them queued.
+    async fn insert_jobs(&self, jobs: &[NewJob], refused: &[(String, JobError)])
+    -> StoreResult<()>;
 
     async fn get_job(&self, id: &str) -> StoreResult<Option<Job>>;
 

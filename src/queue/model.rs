@@ -295,8 +295,9 @@ pub struct Lease {
     pub blocked: Option<Blocked>,
     /// The earliest `run_at` of a job that is queued but not yet due.
     pub next_due_at: Option<i64>,
-    /// The lease took every due job it found, fewer than the budget and the request
-    /// allowed: another lease right away would most likely find none.
+    /// A lease that took jobs took every due one it found, fewer than the budget and the
+    /// request allowed: another lease right away would most likely find none. (A lease
+    /// that took none says when the next job is due instead.)
     pub drained: bool,
 }
 

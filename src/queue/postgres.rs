@@ -590,7 +590,11 @@ impl QueueStore for PostgresStore {
         Ok((Inserted::New, lease))
     }
 
-    async fn insert_jobs(&self, jobs: &[NewJob]) -> StoreResult<()> {
+    async fn insert_jobs(
+        &self,
+        jobs: &[NewJob],
+        refused: &[(String, JobError)],
+    ) -> StoreResult<()> {
         if jobs.is_empty() {
             return Ok(());
         }
@@ -600,11 +604,47 @@ impl QueueStore for PostgresStore {
         for chunk in jobs.chunks(1000) {
             for j in chunk {
                 let p = j.provider().to_string();
-                if !providers.contains(&p) {
+                if !p.is_empty() && !providers.contains(&p) {
                     providers.push(p);
                 }
             }
             writes::insert_jobs(&mut tx, chunk).await?;
+        }
+        if !refused.is_empty() {
+            let failed = sqlx::query(
+                "UPDATE jobs j SET status = 'failed', finished_at = j.created_at, \
+                 status_code = t.code, error = t.error \
+                 FROM unnest($1::text[], $2::bigint[], $3::text[]) AS t(id, code, error) \
+                 WHERE j.id = t.id AND j.status = 'queued'",
+            )
+            .bind(
+                refused
+                    .iter()
+                    .map(|(id, _)| id.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                refused
+                    .iter()
+                    .map(|(_, e)| i64::from(e.status))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                refused
+                    .iter()
+                    .map(|(_, e)| error_json(e))
+                    .collect::<Vec<_>>(),
+            )
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if failed != refused.len() as u64 {
+                return Err(StoreError::Corrupt(format!(
+                    "{} of {} refused jobs are not among the jobs inserted",
+                    refused.len() as u64 - failed,
+                    refused.len()
+                )));
+            }
         }
         notify_providers(&mut tx, &providers).await?;
         tx.commit().await?;

@@ -235,12 +235,33 @@ impl QueueStore for SqliteStore {
             .await
     }
 
-    async fn insert_jobs(&self, jobs: &[NewJob]) -> StoreResult<()> {
+    async fn insert_jobs(
+        &self,
+        jobs: &[NewJob],
+        refused: &[(String, JobError)],
+    ) -> StoreResult<()> {
         let jobs = jobs.to_vec();
+        let refused: Vec<(String, i64, String)> = refused
+            .iter()
+            .map(|(id, e)| (id.clone(), i64::from(e.status), error_json(e)))
+            .collect();
         self.writer
             .write(move |conn| {
                 for job in &jobs {
                     insert(conn, job)?;
+                }
+                for (id, status, error) in &refused {
+                    let failed = conn
+                        .prepare_cached(
+                            "UPDATE jobs SET status = 'failed', finished_at = created_at, \
+                             status_code = ?1, error = ?2 WHERE id = ?3 AND status = 'queued'",
+                        )?
+                        .execute(params![status, error, id])?;
+                    if failed != 1 {
+                        return Err(StoreError::Corrupt(format!(
+                            "refused job {id} is not among the jobs inserted"
+                        )));
+                    }
                 }
                 Ok(())
             })
@@ -661,9 +682,13 @@ fn lease(conn: &WriteConn, req: &LeaseRequest) -> StoreResult<Lease> {
             )
         };
     }
-    let sql = if limit == 1 { pick!("1") } else { pick!("64") };
-    // At most what the budget allows and the pick's LIMIT reads.
-    let wanted = usize::try_from(limit.min(64)).unwrap_or(1);
+    // The jobs wanted: what the budget allows, up to the pick's LIMIT.
+    let (sql, most) = if limit == 1 {
+        (pick!("1"), 1)
+    } else {
+        (pick!("64"), 64)
+    };
+    let wanted = usize::try_from(limit.min(most)).unwrap_or(1);
     let rows = conn
         .prepare_cached(sql)?
         .query_map(

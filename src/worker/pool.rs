@@ -64,7 +64,6 @@ pub async fn run(shared: Arc<Shared>, name: String) {
         };
         shared.telemetry.left_queue(lease.jobs.len());
         if !lease.jobs.is_empty() {
-            let drained = lease.drained;
             for leased in lease.jobs {
                 // The lease took at most `free` jobs: a reserved slot is there for each,
                 // and the slots left over are freed when `reserved` drops.
@@ -75,7 +74,7 @@ pub async fn run(shared: Arc<Shared>, name: String) {
                 };
                 start_call(&shared, &provider, leased, permit);
             }
-            if drained {
+            if lease.drained {
                 // It took every due job there was: a lease right away would most likely
                 // find none and cost a transaction (a third of all leases under steady
                 // load, measured). New work wakes us; ended calls need not. The short

@@ -259,7 +259,7 @@ async fn sqlite_batch_store_conforms() {
     let store = SqliteStore::open(&dir.path().join("orch.db"), SqliteSync::Normal)
         .await
         .unwrap();
-    store.insert_jobs(&jobs()).await.unwrap();
+    store.insert_jobs(&jobs(), &[]).await.unwrap();
     conformance(store.batches().expect("SQLite has batches")).await;
 }
 
@@ -268,6 +268,6 @@ async fn postgres_batch_store_conforms() {
     // The real Postgres store with its own migrations; an unreachable server fails the test.
     let db = crate::support::pg::TestDb::create().await;
     let store = PostgresStore::connect(&db.url).await.unwrap();
-    store.insert_jobs(&jobs()).await.unwrap();
+    store.insert_jobs(&jobs(), &[]).await.unwrap();
     conformance(store.batches().expect("Postgres has batches")).await;
 }

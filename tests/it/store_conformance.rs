@@ -367,12 +367,38 @@ async fn insert_many(store: Store) {
             )
         })
         .collect();
-    store.insert_jobs(&jobs).await.unwrap();
-    store.insert_jobs(&[]).await.unwrap();
+    // A line refused for its request is inserted failed, in the same transaction.
+    let refused = JobError {
+        status: 400,
+        kind: "invalid_request_error".into(),
+        message: "`messages` is required".into(),
+        code: None,
+        param: Some("messages".into()),
+        retry_after: None,
+    };
+    let mut with_refused = jobs.clone();
+    with_refused.push(NewJob {
+        batch_id: Some("b1".into()),
+        ..job("refused", &["a"], now - 5)
+    });
+    // A refusal that names no inserted job is a bug: nothing is kept.
+    let stray = [("nowhere".to_string(), refused.clone())];
+    assert!(store.insert_jobs(&with_refused, &stray).await.is_err());
+    assert!(store.get_job("line0").await.unwrap().is_none());
+    store
+        .insert_jobs(&with_refused, &[("refused".to_string(), refused.clone())])
+        .await
+        .unwrap();
+    store.insert_jobs(&[], &[]).await.unwrap();
     let j = get(&store, "line3").await;
     assert_eq!(j.priority, PRIORITY_BATCH);
     assert_eq!(j.provider, "b");
     assert_eq!(j.custom_id.as_deref(), Some("line-3"));
+    let r = get(&store, "refused").await;
+    assert_eq!(r.status, JobStatus::Failed);
+    assert_eq!(r.status_code, Some(400));
+    assert_eq!(r.error.as_ref(), Some(&refused));
+    assert_eq!(r.finished_at, Some(now - 5));
     let mut depth = store.queue_depths().await.unwrap();
     depth.sort();
     assert_eq!(depth, vec![("a".into(), 3), ("b".into(), 2)]);

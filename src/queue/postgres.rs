@@ -1237,4 +1237,163 @@ mod tests {
         // The grid exercises both outcomes, and limits above one.
         assert!(admitted > 0 && admitted < cases.len());
     }
+
+    /// A group of attempt ends (one statement, `orch_finish` per attempt in order) leaves
+    /// what the same ends one by one would: every transition kind, an attempt no longer
+    /// ours, token corrections, and provider effects in order (a success between two
+    /// failures resets the count; the breaker opens at its threshold).
+    #[tokio::test]
+    async fn a_group_of_ends_writes_what_ends_one_by_one_would() {
+        let db = FreshDatabase::create().await;
+        let store = PostgresStore::connect(&db.url).await;
+        let job = |id: &str, provider: &str| NewJob {
+            id: id.into(),
+            task: "t".into(),
+            chain: vec![provider.into(), "q".into()],
+            hop: 0,
+            request: "{}".into(),
+            stream: false,
+            priority: 0,
+            caller: None,
+            idempotency_key: None,
+            pinned_instance: None,
+            created_at: 1,
+            deadline_at: i64::MAX,
+            batch_id: None,
+            custom_id: None,
+        };
+        let lease = |provider: &str, tpm: Option<u32>| LeaseRequest {
+            provider: provider.into(),
+            model: "m".into(),
+            instance: "i".into(),
+            lease_ms: 30_000,
+            max_jobs: 10,
+            budget: Budget {
+                rpm: 100,
+                concurrency: 100,
+                tpm,
+            },
+        };
+        let fin = |id: &str, provider: &str, transition: Transition, success: Option<bool>| {
+            AttemptFinish {
+                job_id: id.into(),
+                attempt_n: 1,
+                instance: "i".into(),
+                provider: provider.into(),
+                finished_at: 5,
+                outcome: AttemptOutcome::Ok,
+                status_code: Some(200),
+                error: None,
+                tokens: None,
+                count_tokens: false,
+                transition,
+                effect: ProviderEffect {
+                    cooldown_until: None,
+                    success,
+                    breaker: Some((2, 60_000)),
+                },
+            }
+        };
+        let ok = || Transition::Succeed {
+            result: "{\"ok\":1}".into(),
+            usage_prompt: Some(3),
+            usage_completion: Some(4),
+        };
+        let failed = || Transition::Fail {
+            error: JobError {
+                status: 502,
+                kind: "provider_error".into(),
+                message: "bad".into(),
+                code: None,
+                param: None,
+                retry_after: None,
+            },
+            partial: None,
+        };
+        let with_tokens = |id: &str, n: i64| {
+            let mut f = fin(id, "t", ok(), None);
+            f.tokens = Some(n);
+            f.count_tokens = true;
+            f
+        };
+        let result = async {
+            let store = store?;
+            for id in ["a", "b", "c", "d", "e", "f"] {
+                store.insert_job(&job(id, "p")).await?;
+            }
+            for id in ["t1", "t2"] {
+                store.insert_job(&job(id, "t")).await?;
+            }
+            assert_eq!(store.lease(&lease("p", None)).await?.jobs.len(), 6);
+            for _ in 0..2 {
+                // Under tpm a lease takes one job, with a token estimate.
+                assert_eq!(
+                    store.lease(&lease("t", Some(1_000_000))).await?.jobs.len(),
+                    1
+                );
+            }
+            let first = vec![
+                fin("a", "p", failed(), Some(false)),
+                fin("b", "p", ok(), Some(true)),
+                fin("zz", "p", ok(), Some(true)),
+                fin("c", "p", failed(), Some(false)),
+                fin(
+                    "d",
+                    "p",
+                    Transition::Requeue {
+                        hop: 1,
+                        provider: "q".into(),
+                        run_at: 9,
+                    },
+                    None,
+                ),
+                with_tokens("t1", 7),
+                with_tokens("t2", 5),
+            ];
+            let mut conn = store.pool.acquire().await?;
+            let moved = writes::finish_attempts(&mut conn, &first, None).await?;
+            assert_eq!(moved, [true, true, false, true, true, true, true]);
+            let states = store.provider_states().await?;
+            let p = states.iter().find(|s| s.provider == "p").unwrap();
+            assert_eq!((p.consecutive_failures, p.breaker_open_until), (1, 0));
+            let tokens: i64 = sqlx::query_scalar(
+                "SELECT sum(tokens)::bigint FROM provider_usage WHERE provider = 't'",
+            )
+            .fetch_one(&mut *conn)
+            .await?;
+            assert_eq!(tokens, 12, "the estimates replaced by what the calls used");
+
+            let second = vec![
+                fin("e", "p", failed(), Some(false)),
+                fin("f", "p", failed(), Some(false)),
+            ];
+            let moved = writes::finish_attempts(&mut conn, &second, None).await?;
+            assert_eq!(moved, [true, true]);
+            let states = store.provider_states().await?;
+            let p = states.iter().find(|s| s.provider == "p").unwrap();
+            assert_eq!(p.consecutive_failures, 3);
+            assert!(p.breaker_open_until > 0, "{p:?}");
+
+            let a = store.get_job("a").await?.unwrap();
+            assert_eq!((a.status, a.status_code), (JobStatus::Failed, Some(502)));
+            let b = store.get_job("b").await?.unwrap();
+            assert_eq!(
+                (b.status, b.result.as_deref(), b.usage_prompt, b.finished_at),
+                (JobStatus::Succeeded, Some("{\"ok\":1}"), Some(3), Some(5))
+            );
+            let d = store.get_job("d").await?.unwrap();
+            assert_eq!(
+                (d.status, d.provider.as_str(), d.hop, d.hops, d.run_at),
+                (JobStatus::Queued, "q", 1, 1, 9)
+            );
+            assert_eq!(d.finished_at, None);
+            assert_eq!(store.get_attempts("b").await?[0].finished_at, Some(5));
+            drop(conn);
+            store.pool.close().await;
+            StoreResult::Ok(())
+        }
+        .await;
+        db.drop().await;
+        result.unwrap();
+    }
 }

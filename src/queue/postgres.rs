@@ -595,7 +595,7 @@ impl QueueStore for PostgresStore {
         jobs: &[NewJob],
         refused: &[(String, JobError)],
     ) -> StoreResult<()> {
-        if jobs.is_empty() {
+        if jobs.is_empty() && refused.is_empty() {
             return Ok(());
         }
         let mut tx = self.pool.begin().await?;
@@ -1040,6 +1040,7 @@ impl QueueStore for PostgresStore {
 
 #[cfg(test)]
 mod tests {
+    use futures::FutureExt;
     use sqlx::{Connection, Executor};
 
     use super::*;
@@ -1316,7 +1317,8 @@ mod tests {
             f.count_tokens = true;
             f
         };
-        let result = async {
+        // A failed assertion must not leave the database behind: caught, dropped, resumed.
+        let result = std::panic::AssertUnwindSafe(async {
             let store = store?;
             for id in ["a", "b", "c", "d", "e", "f"] {
                 store.insert_job(&job(id, "p")).await?;
@@ -1391,9 +1393,13 @@ mod tests {
             drop(conn);
             store.pool.close().await;
             StoreResult::Ok(())
-        }
+        })
+        .catch_unwind()
         .await;
         db.drop().await;
-        result.unwrap();
+        match result {
+            Ok(outcome) => outcome.unwrap(),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
     }
 }

@@ -385,6 +385,7 @@ async fn insert_many(store: Store) {
     let stray = [("nowhere".to_string(), refused.clone())];
     assert!(store.insert_jobs(&with_refused, &stray).await.is_err());
     assert!(store.get_job("line0").await.unwrap().is_none());
+    assert!(store.insert_jobs(&[], &stray).await.is_err());
     store
         .insert_jobs(&with_refused, &[("refused".to_string(), refused.clone())])
         .await

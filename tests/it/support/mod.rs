@@ -200,6 +200,12 @@ impl TestApp {
 
     /// Polls a job until it is finished.
     pub async fn wait_job(&self, id: &str, within: Duration) -> Value {
+        self.wait_job_in(id, &["succeeded", "failed", "cancelled"], within)
+            .await
+    }
+
+    /// Polls a job until its status is one of `statuses`.
+    pub async fn wait_job_in(&self, id: &str, statuses: &[&str], within: Duration) -> Value {
         let end = Instant::now() + within;
         loop {
             let job: Value = self
@@ -208,12 +214,14 @@ impl TestApp {
                 .json()
                 .await
                 .unwrap();
-            if ["succeeded", "failed", "cancelled"].contains(&job["status"].as_str().unwrap_or(""))
-            {
+            if statuses.contains(&job["status"].as_str().unwrap_or("")) {
                 return job;
             }
-            assert!(Instant::now() < end, "job {id} did not finish: {job}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert!(
+                Instant::now() < end,
+                "job {id} did not reach {statuses:?}: {job}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
